@@ -1,0 +1,6 @@
+"""LightningDataModules over the packaged corpora and users' files (installed as ``privtune.datamodules``)."""
+
+from privtune.datamodules.classification import BBCNews, TextClassificationDataModule, TextFile, TweetsSentiment
+from privtune.datamodules.lm_corpus import LMCorpus
+
+__all__ = ["BBCNews", "LMCorpus", "TextClassificationDataModule", "TextFile", "TweetsSentiment"]

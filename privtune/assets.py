@@ -52,7 +52,10 @@ def _package_dir(package: str, pip_name: str) -> Path:
 
 
 def cache_dir() -> Path:
-    """Folder for converted models: ``$PRIVTUNE_CACHE``, else ``$XDG_CACHE_HOME/privtune``, else ``~/.cache/privtune``."""
+    """Folder for converted models.
+
+    ``$PRIVTUNE_CACHE``, else ``$XDG_CACHE_HOME/privtune``, else ``~/.cache/privtune``.
+    """
     if env := os.environ.get("PRIVTUNE_CACHE"):
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

@@ -26,12 +26,74 @@ PAD, EOS, BOS, UNK, CLS, SEP, MASK = "<pad>", "<eos>", "<bos>", "<unk>", "[CLS]"
 _SPECIALS = [PAD, EOS, BOS, UNK, CLS, SEP, MASK]
 
 # Hand-written words (no dataset text): the label words of the packaged datamodules plus filler.
-_WORDS = (
-    "negative neutral positive business entertainment politics sport tech yes no true false "
-    "tweet sentiment article topic the a an of to and in is it that was for on with as at by this "
-    "good bad great awful happy sad love hate fine okay market film game vote phone team music news "
-    "price shares court minister player album election software match bank stock goal screen show"
-).split()
+_WORDS = [
+    "negative",
+    "neutral",
+    "positive",
+    "business",
+    "entertainment",
+    "politics",
+    "sport",
+    "tech",
+    "yes",
+    "no",
+    "true",
+    "false",
+    "tweet",
+    "sentiment",
+    "article",
+    "topic",
+    "the",
+    "a",
+    "an",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "it",
+    "that",
+    "was",
+    "for",
+    "on",
+    "with",
+    "as",
+    "at",
+    "by",
+    "this",
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "happy",
+    "sad",
+    "love",
+    "hate",
+    "fine",
+    "okay",
+    "market",
+    "film",
+    "game",
+    "vote",
+    "phone",
+    "team",
+    "music",
+    "news",
+    "price",
+    "shares",
+    "court",
+    "minister",
+    "player",
+    "album",
+    "election",
+    "software",
+    "match",
+    "bank",
+    "stock",
+    "goal",
+    "screen",
+    "show",
+]
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,4 +166,3 @@ TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
 def tiny_config(name: str) -> PretrainedConfig:
     """A fresh config object for one of :data:`TINY_CONFIGS`."""
     return TINY_CONFIGS[name]()
-

