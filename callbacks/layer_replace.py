@@ -1,0 +1,210 @@
+"""Dynamic LayerReplace with learned layer importance (ScaleOT, arXiv 2412.09812), as a Callback.
+
+At ``setup`` the callback creates one harmonizer per candidate layer in the LightningModule's
+``harmonizers`` ``ModuleDict`` (so the module's optimizer trains them and checkpoints hold them), freezes the
+original model and wraps each candidate block in a :class:`~privtune.emulator.LayerSwitch`. Every training
+step it samples a keep mask from the importance scores before the batch (the DL step then trains the
+harmonizers of the replaced layers), and after the batch runs the RL step: ``N_c`` masks scored on
+held-out batches (the datamodule's validation loader, cycled) and the REINFORCE update. Validation runs
+with the ``val_alpha`` least important candidates replaced, so ``val/loss`` tracks the emulator-to-be.
+
+Works with any LightningModule that has a Hugging Face causal LM at ``model_attr`` and an
+``nn.ModuleDict`` named ``harmonizers`` (see :class:`privtune.modules.offsite_importance.HarmonizerImportance`).
+The scores, the sampler's RNG and the position in the held-out stream are saved in checkpoints, so a
+killed run resumes to the same result. Threat model: model-owner side only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from privtune.emulator import (
+    LayerImportance,
+    SandwichSplit,
+    install_switches,
+    least_important,
+    make_harmonizers,
+    rl_step,
+    set_replace_mask,
+)
+from privtune.emulator.harmonizer import LayerSwitch
+from privtune.models import get_blocks, unwrap
+
+
+class LayerReplace(pl.Callback):
+    """Sample replaced layers each step and learn their importance (ScaleOT stage 1).
+
+    Args:
+        adapter_bottom: bottom adapter blocks, never replaced.
+        adapter_top: top adapter blocks, never replaced.
+        layers: candidate block indices (default: every middle block).
+        harmonizer_rank: harmonizer bottleneck (capped at the hidden size).
+        group_size: ``N_g``; each group of consecutive candidates keeps half of its layers per sample.
+        num_candidates: ``N_c`` masks per RL step (>= 2).
+        rl_lr: ``η`` of the score update.
+        val_alpha: fraction of candidates replaced during validation (least important first).
+        seed: seed of the harmonizer init and of the mask sampler.
+        model_attr: attribute of the LightningModule holding the Hugging Face model.
+        log_scores: log every score each step (``importance/s_<i>``).
+
+    Raises:
+        ValueError: for ``num_candidates < 2``, ``group_size < 1``, ``rl_lr <= 0``, ``val_alpha`` outside
+            ``[0, 1)`` or ``harmonizer_rank < 1``; in ``setup``, for candidates outside the middle.
+    """
+
+    def __init__(
+        self,
+        adapter_bottom: int = 2,
+        adapter_top: int = 2,
+        layers: list[int] | None = None,
+        harmonizer_rank: int = 64,
+        group_size: int = 4,
+        num_candidates: int = 3,
+        rl_lr: float = 0.1,
+        val_alpha: float = 0.5,
+        seed: int = 0,
+        model_attr: str = "model",
+        log_scores: bool = True,
+    ) -> None:
+        problems = []
+        if num_candidates < 2:
+            problems.append(f"`num_candidates={num_candidates}` must be >= 2")
+        if group_size < 1:
+            problems.append(f"`group_size={group_size}` must be >= 1")
+        if not rl_lr > 0:
+            problems.append(f"`rl_lr={rl_lr}` must be > 0")
+        if not 0.0 <= val_alpha < 1.0:
+            problems.append(f"`val_alpha={val_alpha}` must be in [0, 1)")
+        if harmonizer_rank < 1:
+            problems.append(f"`harmonizer_rank={harmonizer_rank}` must be >= 1")
+        if problems:
+            raise ValueError("LayerReplace: " + "; ".join(problems) + ".")
+        self.adapter_bottom, self.adapter_top = adapter_bottom, adapter_top
+        self.layers = list(layers) if layers is not None else None
+        self.harmonizer_rank = harmonizer_rank
+        self.group_size = group_size
+        self.num_candidates = num_candidates
+        self.rl_lr = rl_lr
+        self.val_alpha = val_alpha
+        self.seed = seed
+        self.model_attr = model_attr
+        self.log_scores = log_scores
+        self.importance: LayerImportance | None = None
+        self.switches: dict[int, LayerSwitch] = {}
+        self.rl_batches = 0  # held-out batches consumed so far (to resume the stream at the same place)
+        self._pending_state: dict[str, Any] | None = None
+        self._held_out: Iterator | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=self.layers, seed=self.seed)
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.switches:
+            return
+        model = getattr(pl_module, self.model_attr)
+        harmonizers = getattr(pl_module, "harmonizers", None)
+        if not isinstance(harmonizers, nn.ModuleDict):
+            raise TypeError(f"{type(pl_module).__name__} needs an `harmonizers` nn.ModuleDict for LayerReplace.")
+        split = SandwichSplit(len(get_blocks(unwrap(model))), self.adapter_bottom, self.adapter_top)
+        layers = self.layers if self.layers is not None else split.middle_indices
+        bad = [i for i in layers if i not in split.middle_indices]
+        if bad:
+            raise ValueError(f"`layers={layers}`: {bad} are not middle blocks {split.middle_indices}.")
+        hidden = unwrap(model).config.hidden_size
+        model.requires_grad_(False)
+        if not len(harmonizers):
+            harmonizers.update(make_harmonizers(hidden, layers, min(self.harmonizer_rank, hidden), self.seed))
+        harmonizers.requires_grad_(True)
+        self.switches = install_switches(model, harmonizers)
+        self.importance = LayerImportance(layers, self.group_size, self.seed)
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+        pl_module.layer_importance = self.importance.scores.clone()
+
+    # ------------------------------------------------------------------ per step
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        set_replace_mask(self.switches, self.importance.sample())
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        held_out = self._next_held_out(trainer, pl_module, batch)
+        model = getattr(pl_module, self.model_attr)
+        masks, losses = rl_step(model, self.switches, self.importance, held_out, self.num_candidates, self.rl_lr)
+        pl_module.layer_importance = self.importance.scores.clone().to(pl_module.device)
+        pl_module.log("importance/rl_loss_mean", sum(losses) / len(losses), batch_size=1)
+        if self.log_scores:
+            for layer, score in zip(self.importance.layers, self.importance.scores.tolist()):
+                pl_module.log(f"importance/s_{layer}", score, batch_size=1)
+            replaced = sum(not k for m in masks for k in m.values()) / len(masks)
+            pl_module.log("importance/replaced_per_mask", float(replaced), batch_size=1)
+
+    def _next_held_out(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> dict[str, Any]:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            return batch  # no held-out stream: score masks on the training batch
+        if self._held_out is None:
+            self._held_out = self._stream(datamodule)
+        out = next(self._held_out)
+        self.rl_batches += 1
+        return {k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in out.items()}
+
+    def _stream(self, datamodule: Any) -> Iterator:
+        skip = self.rl_batches
+        while True:
+            for item in datamodule.val_dataloader():
+                if skip:
+                    skip -= 1
+                    continue
+                yield item
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.importance is None:
+            return
+        replaced = set(least_important(self.importance.scores, self.importance.layers, self.val_alpha))
+        set_replace_mask(self.switches, {i: i not in replaced for i in self.importance.layers})
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        set_replace_mask(self.switches, {})
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        set_replace_mask(self.switches, {})
+        if self.importance is not None:
+            order = sorted(zip(self.importance.scores.tolist(), self.importance.layers))
+            rank_zero_info("Layer importance (lowest first): " + ", ".join(f"{i}:{s:+.2e}" for s, i in order))
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.importance is None:
+            return {}
+        return {"importance": self.importance.state_dict(), "rl_batches": self.rl_batches}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.importance is None:
+            self._pending_state = state_dict
+        else:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        self.importance.load_state_dict(state["importance"])
+        self.rl_batches = int(state.get("rl_batches", 0))
+        self._held_out = None

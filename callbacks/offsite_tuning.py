@@ -1,0 +1,277 @@
+"""Offsite-tuning steps as Callbacks: export the emulator, export the adapters, plug them in, run the pipeline.
+
+Each party's step is a ``train.py`` run, and these callbacks are the hand-over points between them
+(Offsite-Tuning, arXiv 2302.04870; ScaleOT, 2412.09812; GradOT, 2507.04455):
+
+* :class:`EmulatorExport` (model owner, fit end): writes the emulator artifact — the module's own
+  emulator (:class:`~privtune.modules.offsite_distill.EmulatorDistillation`), or a ScaleOT emulator generated
+  from the stage-1 scores and harmonizers (:class:`~privtune.modules.offsite_importance.HarmonizerImportance`)
+  for the knobs ``(N_a, α, β)``. The export refuses to write any original middle-layer matrix.
+* :class:`AdapterExport` (data owner, fit end): writes the adapter artifact from
+  :class:`~privtune.modules.offsite_finetune.OffsiteFinetune`.
+* :class:`PlugAdapters` (model owner, setup): plugs an adapter artifact into any module's model (e.g. a
+  :class:`~privtune.modules.TextClassifier` with ``tuning: none`` for the plug-in evaluation), after
+  checking the artifact was trained for this base model.
+* :class:`OffsitePipeline` (research, fit end): runs the data-owner tuning and the five evaluation settings
+  in the same process and writes the report (:mod:`privtune.modules.offsite_pipeline`).
+
+Threat model: only the artifacts cross between the parties; the private data never leaves the data owner
+and the original middle blocks never leave the model owner.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from privtune.emulator import (
+    build_scaleot_emulator,
+    check_base_model,
+    load_adapter_artifact,
+    plug_adapters,
+    read_plan,
+    save_adapter_artifact,
+    save_emulator_artifact,
+)
+
+
+class EmulatorExport(pl.Callback):
+    """Write the emulator artifact at the end of the model owner's fit.
+
+    Args:
+        output_dir: artifact folder (created; an existing artifact there is replaced).
+        adapter_layers: ScaleOT ``N_a`` (only for stage-1 modules; half bottom, half top).
+        alpha: ScaleOT replaced fraction of the middle, ``[0, 1)``.
+        beta: ScaleOT kept rank fraction of the kept layers' attention matrices, ``(0, 1]``.
+        beta_mlp: kept rank fraction of their MLP matrices, ``(0, 1]``; below 1 so that no original matrix
+            is shipped (privtune's artifact rule; ScaleOT itself leaves the FFN as it is).
+
+    Raises:
+        ValueError: for knobs outside their ranges (at construction), or, in ``setup``, for a ScaleOT
+            export that would ship original FFN matrices (``beta_mlp=1`` with ``alpha`` leaving kept layers).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        adapter_layers: int = 4,
+        alpha: float = 0.5,
+        beta: float = 0.8,
+        beta_mlp: float = 0.9,
+    ) -> None:
+        problems = []
+        if not 0.0 <= alpha < 1.0:
+            problems.append(f"`alpha={alpha}` (replaced fraction) must be in [0, 1)")
+        for name, value in (("beta", beta), ("beta_mlp", beta_mlp)):
+            if not 0.0 < value <= 1.0:
+                problems.append(f"`{name}={value}` (kept rank fraction) must be in (0, 1]")
+        if adapter_layers < 0:
+            problems.append(f"`adapter_layers={adapter_layers}` must be >= 0")
+        if problems:
+            raise ValueError("EmulatorExport: " + "; ".join(problems) + ".")
+        self.output_dir = output_dir
+        self.adapter_layers, self.alpha, self.beta, self.beta_mlp = adapter_layers, alpha, beta, beta_mlp
+        self.emulator: Any = None
+        self.plan: Any = None
+        self.seconds = 0.0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if hasattr(pl_module, "harmonizers") and self.beta_mlp == 1.0:
+            raise ValueError(
+                f"EmulatorExport: `beta_mlp=1.0` with `alpha={self.alpha}` ships the kept layers' original MLP "
+                "matrices, which an emulator artifact may not hold. HINT: set `beta_mlp` below 1 (e.g. 0.9)."
+            )
+
+    def build(self, pl_module: pl.LightningModule) -> tuple[Any, Any, Any]:
+        """``(emulator, plan, original model)`` from a distillation or a ScaleOT stage-1 module."""
+        if getattr(pl_module, "emulator", None) is not None and hasattr(pl_module, "plan"):
+            return pl_module.emulator, pl_module.plan, pl_module.original
+        harmonizers = getattr(pl_module, "harmonizers", None)
+        if harmonizers is None:
+            raise TypeError(f"{type(pl_module).__name__} has neither `emulator`/`plan` nor ScaleOT `harmonizers`.")
+        emulator, plan = build_scaleot_emulator(
+            pl_module.model,
+            pl_module.layer_importance.cpu(),
+            harmonizers,
+            self.adapter_layers,
+            self.alpha,
+            self.beta,
+            self.beta_mlp,
+            next(iter(harmonizers.values())).down.out_features,
+        )
+        plan.base_model = pl_module.model_name
+        return emulator, plan, pl_module.model
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        start = time.perf_counter()
+        emulator, plan, original = self.build(pl_module)
+        if trainer.is_global_zero:
+            save_emulator_artifact(self.output_dir, emulator.cpu(), plan, original.cpu())
+        self.emulator, self.plan = emulator, plan
+        self.seconds = time.perf_counter() - start
+        rank_zero_info(f"EmulatorExport: {plan.method} emulator {plan.kinds} written to {self.output_dir}.")
+
+
+class AdapterExport(pl.Callback):
+    """Write the adapter artifact at the end of the data owner's fit (module: ``OffsiteFinetune``).
+
+    Args:
+        output_dir: artifact folder (created).
+    """
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = output_dir
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not hasattr(pl_module, "adapter_state"):
+            raise TypeError(f"{type(pl_module).__name__} has no `adapter_state()`; use OffsiteFinetune.")
+        if trainer.is_global_zero:
+            save_adapter_artifact(self.output_dir, pl_module.adapter_state(), pl_module.plan)
+        rank_zero_info(
+            f"AdapterExport: adapters of blocks {pl_module.plan.split.adapter_indices} -> {self.output_dir}."
+        )
+
+
+class PlugAdapters(pl.Callback):
+    """Plug an adapter artifact into the module's model at ``setup`` (Offsite-Tuning plug-in).
+
+    Args:
+        adapter_dir: adapter artifact folder (from :class:`AdapterExport`).
+        model_attr: attribute of the LightningModule holding the original model.
+
+    Raises:
+        ValueError: at construction if ``adapter_dir`` is not an adapter artifact; in ``setup``, if the model is
+            not the base model the adapters were trained for (before any weight changes).
+    """
+
+    def __init__(self, adapter_dir: str, model_attr: str = "model") -> None:
+        if not (Path(adapter_dir) / "adapters.pt").is_file():
+            raise ValueError(f"`adapter_dir={adapter_dir!r}` is not an adapter artifact folder (no adapters.pt).")
+        self.plan = read_plan(adapter_dir)
+        self.adapter_dir = adapter_dir
+        self.model_attr = model_attr
+        self.plugged = False
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.plugged:
+            return
+        model = getattr(pl_module, self.model_attr)
+        check_base_model(self.plan, model, what=f"adapter artifact {self.adapter_dir}")
+        adapters, plan = load_adapter_artifact(self.adapter_dir)
+        plug_adapters(model, adapters, plan)
+        self.plugged = True
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"adapter_dir": self.adapter_dir, "plugged": self.plugged}
+
+
+class OffsitePipeline(pl.Callback):
+    """After the model owner's fit, run the data owner's tuning and the five settings; write the report.
+
+    Needs an :class:`EmulatorExport` earlier in ``trainer.callbacks`` (its artifact is the emulator used).
+
+    Args:
+        output_dir: where the adapter artifacts and ``offsite_report.{json,md,png}`` go.
+        task: the data owner's private task: ``tweets``, ``bbc_news`` or a CSV / JSON-lines file with ``text`` and
+            ``label`` columns (then give ``label_words``).
+        train_size: training examples of the task.
+        val_size: validation examples.
+        test_size: test examples (all five settings use the same ones).
+        max_length: tokens per example.
+        batch_size: training batch size.
+        max_steps: adapter-tuning steps (the same for the emulator and the full-model baseline).
+        lr: adapter learning rate.
+        tuning: ``full`` (all adapter weights) or ``lora`` inside the adapter blocks.
+        alphas: extra ScaleOT ``α`` values to sweep (emulator re-generated from the same stage-1 run; each
+            adds an emulator fine-tuning and a plug-in evaluation).
+        seed: seed of the task split and the tuning runs.
+        title: first line of the report.
+        template: prompt of a file task (one ``{text}`` slot).
+        label_words: label words of a file task, in ``label_names`` order.
+        label_names: class order of a file task.
+
+    Raises:
+        ValueError: for an unknown task or tuning, or a non-positive size/step count.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        task: Literal["tweets", "bbc_news"] | str = "tweets",
+        train_size: int = 400,
+        val_size: int = 64,
+        test_size: int = 300,
+        max_length: int = 64,
+        batch_size: int = 16,
+        max_steps: int = 40,
+        lr: float = 1e-4,
+        tuning: Literal["full", "lora"] = "full",
+        alphas: list[float] | None = None,
+        seed: int = 0,
+        title: str = "",
+        template: str = "Text: {text}\nLabel:",
+        label_words: list[str] | None = None,
+        label_names: list[str] | None = None,
+    ) -> None:
+        from privtune.modules.offsite_pipeline import PipelineSettings
+
+        self.settings = PipelineSettings(
+            output_dir=output_dir,
+            task=task,
+            train_size=train_size,
+            val_size=val_size,
+            test_size=test_size,
+            max_length=max_length,
+            batch_size=batch_size,
+            max_steps=max_steps,
+            lr=lr,
+            tuning=tuning,
+            alphas=list(alphas or []),
+            seed=seed,
+            title=title,
+            template=template,
+            label_words=label_words,
+            label_names=label_names,
+        )  # validates
+        self.report: dict[str, Any] = {}
+        self._fit_start = 0.0
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from privtune.modules.offsite_pipeline import run_data_owner_and_evaluation
+
+        export = next((cb for cb in trainer.callbacks if isinstance(cb, EmulatorExport)), None)
+        if export is None or export.plan is None:
+            raise ValueError("OffsitePipeline needs an EmulatorExport callback before it in `trainer.callbacks`.")
+        owner_seconds = time.perf_counter() - self._fit_start
+        self.report = run_data_owner_and_evaluation(
+            self.settings,
+            model_name=export.plan.base_model,
+            emulator_dir=export.output_dir,
+            owner_stage_seconds={"stage-1 / distillation (fit)": owner_seconds, "emulator export": export.seconds},
+            regenerate=(lambda alpha: _regenerate(export, pl_module, alpha)) if self.settings.alphas else None,
+        )
+
+
+def _regenerate(export: EmulatorExport, pl_module: pl.LightningModule, alpha: float) -> str:
+    """Write the ScaleOT emulator of the same stage-1 run for another ``α``; return its folder."""
+    knobs = EmulatorExport(
+        f"{export.output_dir}_alpha{alpha:g}", export.adapter_layers, alpha, export.beta, export.beta_mlp
+    )
+    emulator, plan, original = knobs.build(pl_module)
+    save_emulator_artifact(knobs.output_dir, emulator.cpu(), plan, original.cpu())
+    return knobs.output_dir

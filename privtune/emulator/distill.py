@@ -1,0 +1,115 @@
+"""Emulator distillation with Offsite-Tuning's normalised KD loss (arXiv 2302.04870, official code).
+
+Teacher and student receive the same ``h_in`` (output of the frozen, pretrained bottom adapter); the
+teacher is the original middle, the student the emulator middle; only the emulator middle is trained::
+
+    L = λ_lm · CE(next token | Emb -> A_bottom -> E* -> A_top -> H) + λ_kd · mean(((h_T - h_S) / rms(h_T))²)
+
+with ``h_T = E(h_in)``, ``h_S = E*(h_in)`` read at the input of the first top-adapter block, and
+``rms(h_T) = sqrt(mean(h_T²))`` one scalar over the whole batch tensor. Defaults λ_lm = 1, λ_kd = 30.
+Threat model: distillation runs at the model owner on public text; the data owner only gets the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import torch
+from torch import Tensor, nn
+
+from privtune.emulator.plan import EmulatorPlan
+from privtune.models import base_model, get_blocks, unwrap
+
+
+def normalized_kd_loss(h_teacher: Tensor, h_student: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``mean(((h_T − h_S) / rms(h_T))²)``; exactly 0 when the student equals the teacher.
+
+    Args:
+        h_teacher: ``[B, T, d]``.
+        h_student: ``[B, T, d]``.
+        mask: optional ``[B, T]`` attention mask; padded positions are left out of both means.
+    """
+    if mask is not None:
+        keep = mask.bool()
+        h_teacher, h_student = h_teacher[keep], h_student[keep]  # [N, d]
+    rms = h_teacher.detach().pow(2).mean().sqrt().clamp_min(1e-8)
+    return ((h_teacher - h_student) / rms).pow(2).mean()
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the needed hidden state is captured."""
+
+
+@contextmanager
+def capture_block_input(model: nn.Module, position: int, stop: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Record the hidden states entering block ``position`` as ``captured["h"]`` ``[B, T, d]``.
+
+    With ``stop=True`` the forward pass is cut right there (the caller catches nothing: use
+    :func:`run_until_block`).
+    """
+    captured: dict[str, Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+        if stop:
+            raise _Stop
+
+    handle = get_blocks(unwrap(model))[position].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def run_until_block(model: nn.Module, position: int, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Hidden states ``[B, T, d]`` entering block ``position``, without running the blocks after it or the head."""
+    with capture_block_input(model, position, stop=True) as captured, suppress(_Stop):
+        base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return captured["h"]
+
+
+def distillation_loss(
+    teacher: nn.Module,
+    emulator: nn.Module,
+    plan: EmulatorPlan,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    lm_weight: float = 1.0,
+    kd_weight: float = 30.0,
+) -> dict[str, Tensor]:
+    """One batch of the OT distillation objective.
+
+    Args:
+        teacher: the original full model (frozen; run without gradients up to its top adapter).
+        emulator: the student, built by :func:`~privtune.emulator.build.build_emulator` from ``teacher``.
+        plan: the emulator's plan (gives the first top-adapter position in both models).
+        input_ids: ``[B, T]``.
+        attention_mask: ``[B, T]``.
+        labels: ``[B, T]`` with -100 on padding.
+        lm_weight: ``λ_lm``.
+        kd_weight: ``λ_kd``.
+
+    Returns:
+        ``{"loss", "lm", "kd"}`` scalars; ``loss`` carries the gradient.
+    """
+    with torch.no_grad():
+        h_teacher = run_until_block(teacher, plan.num_layers - plan.adapter_top, input_ids, attention_mask)
+    student_pos = plan.depth - plan.adapter_top
+    with capture_block_input(emulator, student_pos) as captured:
+        out = emulator(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+    kd = normalized_kd_loss(h_teacher, captured["h"], attention_mask)
+    return {"loss": lm_weight * out.loss + kd_weight * kd, "lm": out.loss.detach(), "kd": kd.detach()}
+
+
+def middle_parameters(emulator: nn.Module, plan: EmulatorPlan) -> list[nn.Parameter]:
+    """Freeze everything but the emulator's middle positions and return their parameters (OT §2.3)."""
+    unwrap(emulator).requires_grad_(False)
+    blocks = get_blocks(unwrap(emulator))
+    params: list[nn.Parameter] = []
+    for pos, kind in enumerate(plan.kinds):
+        if kind != "adapter":
+            blocks[pos].requires_grad_(True)
+            params.extend(blocks[pos].parameters())
+    return params

@@ -1,0 +1,146 @@
+"""The offsite-tuning report: five evaluation settings, the privacy gap, emulator size and costs.
+
+The five settings (Offsite-Tuning, arXiv 2302.04870, §2.7 of docs/offsite_tuning.md):
+
+=============  ==================================  =============================================
+setting        model evaluated                     role
+=============  ==================================  =============================================
+full_zs        original model, untrained           utility lower bound
+emulator_zs    pretrained adapters + emulator      raw shipped artefact (lower = more private)
+ft             adapter blocks tuned in the full    utility upper bound (same adapter budget)
+emulator_ft    tuned adapters + emulator           what the data owner gets alone
+plug_in        tuned adapters + original middle    what the model owner delivers
+=============  ==================================  =============================================
+
+**Privacy gap** ``Δ = plug_in − emulator_ft`` in accuracy points: how much better the delivered model is
+than what the data owner can get without the model owner (larger is better for the owner). Torch-free:
+plain dicts in, JSON / Markdown / PNG out.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SETTINGS: dict[str, str] = {
+    "full_zs": "Full zero-shot",
+    "emulator_zs": "Emulator zero-shot",
+    "ft": "Full fine-tuning (same adapter blocks)",
+    "emulator_ft": "Emulator fine-tuned",
+    "plug_in": "Plug-in",
+}
+
+
+def privacy_gap(plug_in_acc: float, emulator_ft_acc: float) -> float:
+    """``Δ = plug-in − emulator FT``, in accuracy points (inputs are fractions in [0, 1])."""
+    return 100.0 * (plug_in_acc - emulator_ft_acc)
+
+
+@dataclass
+class OffsiteReport:
+    """Everything one offsite-tuning run measured.
+
+    Attributes:
+        title: first line of the table.
+        settings: ``{setting: {"acc": fraction, "f1": macro-F1, ...}}`` for the keys of :data:`SETTINGS`.
+        emulator: sizes, e.g. ``{"params": int, "full_params": int, "middle_params": int, ...}``.
+        step_seconds: data-owner step time, ``{"emulator": s, "full": s}``.
+        stage_seconds: wall time of each stage, ``{name: s}``.
+        sweep: one row per emulator scale: ``{"alpha", "emulator_params", "emulator_ft", "plug_in", "gap"}``.
+        meta: what was run (model, task, sizes, steps, command).
+    """
+
+    title: str
+    settings: dict[str, dict[str, float]]
+    emulator: dict[str, Any] = field(default_factory=dict)
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    sweep: list[dict[str, float]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float | None:
+        """The privacy gap in points, when both settings were measured."""
+        s = self.settings
+        if "plug_in" in s and "emulator_ft" in s:
+            return privacy_gap(s["plug_in"]["acc"], s["emulator_ft"]["acc"])
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, with the derived privacy gap and ratios."""
+        out = asdict(self)
+        out["privacy_gap_points"] = self.gap
+        if {"emulator", "full"} <= self.step_seconds.keys() and self.step_seconds["full"] > 0:
+            out["step_time_ratio_emulator_over_full"] = self.step_seconds["emulator"] / self.step_seconds["full"]
+        return out
+
+    def markdown(self) -> str:
+        """The report as Markdown tables."""
+        lines = [f"**{self.title}**", "", "| setting | acc | macro-F1 |", "|---|---|---|"]
+        for key, name in SETTINGS.items():
+            if key in self.settings:
+                row = self.settings[key]
+                lines.append(f"| {name} | {100 * row['acc']:.1f}% | {row.get('f1', float('nan')):.3f} |")
+        if self.gap is not None:
+            lines.append(f"| **Privacy gap Δ (plug-in − emulator FT)** | **{self.gap:+.1f} pts** | |")
+        if self.emulator:
+            e = self.emulator
+            lines += ["", "| emulator | value |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in e.items()]
+        if self.step_seconds:
+            lines += ["", "| data-owner step | s/step |", "|---|---|"]
+            lines += [f"| {k} | {v:.3f} |" for k, v in self.step_seconds.items()]
+            ratio = self.to_dict().get("step_time_ratio_emulator_over_full")
+            if ratio is not None:
+                lines.append(f"| emulator / full | {ratio:.2f} |")
+        if self.stage_seconds:
+            lines += ["", "| stage | seconds |", "|---|---|"]
+            lines += [f"| {k} | {v:.1f} |" for k, v in self.stage_seconds.items()]
+        if self.sweep:
+            lines += ["", "| α | emulator params | emulator FT | plug-in | Δ |", "|---|---|---|---|---|"]
+            for r in self.sweep:
+                lines.append(
+                    f"| {r['alpha']:g} | {r['emulator_params']:,} | {100 * r['emulator_ft']:.1f}% | "
+                    f"{100 * r['plug_in']:.1f}% | {r['gap']:+.1f} |"
+                )
+        return "\n".join(lines)
+
+    def write(self, folder: str | Path) -> dict[str, Path]:
+        """Write ``offsite_report.json``, ``.md`` and, with a sweep of two or more scales, ``.png``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {"json": folder / "offsite_report.json", "md": folder / "offsite_report.md"}
+        paths["json"].write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        paths["md"].write_text(self.markdown() + "\n")
+        if len(self.sweep) >= 2:
+            png = plot_sweep(self.sweep, folder / "offsite_report.png", self.title)
+            if png is not None:
+                paths["png"] = png
+        return paths
+
+
+def plot_sweep(sweep: list[dict[str, float]], path: str | Path, title: str = "") -> Path | None:
+    """Utility (plug-in accuracy) against privacy gap, one point per emulator scale α; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    gaps = [r["gap"] for r in sweep]
+    utility = [100 * r["plug_in"] for r in sweep]
+    ax.plot(gaps, utility, "o-")
+    for r, x, y in zip(sweep, gaps, utility):
+        ax.annotate(f"α={r['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("privacy gap Δ = plug-in − emulator FT (points)")
+    ax.set_ylabel("plug-in accuracy (%)")
+    ax.set_title(title or "utility vs privacy gap")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,103 @@
+"""ScaleOT stage 1 as a LightningModule: train harmonizers with a causal-LM loss (arXiv 2412.09812).
+
+:class:`HarmonizerImportance` holds the frozen original model and an (initially empty) ``harmonizers``
+``ModuleDict``; the :class:`~privtune.callbacks.layer_replace.LayerReplace` callback fills it at setup, swaps
+layers in and out every step (Dynamic LayerReplace) and runs the reinforcement-learning update of the layer
+importance scores, which it mirrors into the ``layer_importance`` buffer. Only the harmonizers receive
+gradients. Threat model: run by the model owner on public text; nothing here reaches the data owner
+except, later, the emulator generated from the scores and harmonizers.
+
+Checkpoints hold only the harmonizers and the scores (the frozen base is reloaded from ``model``).
+
+Example::
+
+    python train.py fit --config configs/offsite_tuning/scaleot_stage1_smollm2.yaml
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from typing_extensions import override
+
+from privtune.emulator import lm_loss
+from privtune.models import load_model, load_tokenizer, resolve_model
+
+
+class HarmonizerImportance(pl.LightningModule):
+    """Model owner, ScaleOT stage 1: harmonizer training under Dynamic LayerReplace.
+
+    Args:
+        model: base model name or folder (:func:`privtune.models.resolve_model`); a causal decoder.
+        lr: harmonizer learning rate.
+        optimizer: optimizer factory (YAML ``class_path``/``init_args``); AdamW by default.
+        weight_decay: weight decay of the default AdamW.
+
+    Raises:
+        ValueError: for an unknown model or ``lr <= 0``, before any weight is loaded.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        lr: float = 1e-3,
+        optimizer: OptimizerCallable | None = None,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"`lr={lr}` must be > 0.")
+        resolve_model(model)
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.model_name = model
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.optimizer_factory = optimizer
+        self.tokenizer = load_tokenizer(model)
+        self.model = load_model(model)
+        self.model.requires_grad_(False)
+        self.harmonizers = nn.ModuleDict()  # "<original block index>" -> Harmonizer, filled by LayerReplace
+        self.register_buffer("layer_importance", torch.zeros(0, dtype=torch.float64))
+        self.strict_loading = False
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = lm_loss(self.model, batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.log("val/loss", lm_loss(self.model, batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.harmonizers.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(
+                "HarmonizerImportance has no harmonizer to train: add the LayerReplace callback "
+                "(privtune.callbacks.layer_replace.LayerReplace) to `trainer.callbacks`."
+            )
+        if self.optimizer_factory is None:
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = self.optimizer_factory(params)
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr
+        return optimizer
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Only what stage 1 learns: the base model is reloaded from `model`.
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k.startswith(("harmonizers.", "layer_importance"))
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False) -> Any:
+        if "layer_importance" in state_dict:  # the buffer's size is known only after LayerReplace's setup
+            self.layer_importance = state_dict["layer_importance"].clone()
+        return super().load_state_dict(state_dict, strict=False, assign=assign)

@@ -1,0 +1,212 @@
+"""Offsite-tuning LightningModules and callbacks on tiny models: each step, the artifacts, resume, the pipeline."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from privtune.callbacks.layer_replace import LayerReplace
+from privtune.callbacks.offsite_tuning import AdapterExport, EmulatorExport, OffsitePipeline, PlugAdapters
+from privtune.callbacks.rank_compression import RankCompression
+from privtune.datamodules import TextFile
+from privtune.emulator import EmulatorPlan, LowRankLinear, find_original_tensors, load_emulator_artifact, read_plan
+from privtune.models import get_blocks, load_model
+from privtune.modules import TextClassifier
+from privtune.modules.offsite_distill import EmulatorDistillation
+from privtune.modules.offsite_finetune import OffsiteFinetune
+from privtune.modules.offsite_importance import HarmonizerImportance
+
+WORDS = {"good": ["great", "fine", "love", "happy", "good"], "bad": ["awful", "hate", "sad", "bad", "price"]}
+
+
+@pytest.fixture
+def synthetic_csv(tmp_path):
+    """Hand-made two-class text whose class is decided by its words."""
+    rng = random.Random(0)
+    lines = ["text,label"]
+    for i in range(60):
+        label = "good" if i % 2 else "bad"
+        lines.append(" ".join(rng.choice(WORDS[label]) for _ in range(6)) + f",{label}")
+    path = tmp_path / "synthetic.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class FixedLM(pl.LightningDataModule):
+    """Fixed (unshuffled) random LM batches, so that a resumed run sees exactly the same data."""
+
+    def __init__(self, n: int = 4, length: int = 12) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        self.ids = torch.randint(3, 500, (n * 2, length), generator=gen)
+
+    def _loader(self, part: torch.Tensor) -> DataLoader:
+        rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in part]
+        return DataLoader(rows, batch_size=2, shuffle=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.ids[: len(self.ids) // 2])
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.ids[len(self.ids) // 2 :])
+
+
+def _task(path, **kw) -> TextFile:
+    args = {"template": "Text: {text}\nSentiment:", "label_words": [" negative", " positive"]}
+    args |= {"label_names": ["bad", "good"], "train_size": 24, "val_size": 8, "test_size": 16, "max_length": 24}
+    args |= {"batch_size": 8, "seed": 0, "tokenizer": "tiny-llama", **kw}
+    return TextFile(str(path), **args)
+
+
+def _replace() -> LayerReplace:
+    return LayerReplace(adapter_bottom=1, adapter_top=1, harmonizer_rank=8, group_size=2, num_candidates=2, seed=0)
+
+
+def test_stage1_kill_and_resume_reaches_the_same_scores_and_harmonizers(tmp_path, tiny_trainer) -> None:
+    straight = HarmonizerImportance("tiny-llama", lr=1e-2)
+    cb = _replace()
+    tiny_trainer(max_epochs=2, limit_val_batches=0, callbacks=[cb]).fit(straight, datamodule=FixedLM())
+
+    first = HarmonizerImportance("tiny-llama", lr=1e-2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    tiny_trainer(max_epochs=1, limit_val_batches=0, callbacks=[_replace(), ckpt], enable_checkpointing=True).fit(
+        first, datamodule=FixedLM()
+    )
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert all(k.startswith(("harmonizers.", "layer_importance")) for k in saved["state_dict"])  # small checkpoint
+    resumed = HarmonizerImportance("tiny-llama", lr=1e-2)
+    cb2 = _replace()
+    tiny_trainer(max_epochs=2, limit_val_batches=0, callbacks=[cb2], enable_checkpointing=False).fit(
+        resumed, datamodule=FixedLM(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert cb2.rl_batches == cb.rl_batches == 4
+    assert torch.equal(cb2.importance.scores, cb.importance.scores)
+    assert not torch.equal(cb.importance.scores, torch.zeros(2, dtype=torch.float64))
+    for key, value in straight.harmonizers.state_dict().items():
+        assert torch.equal(resumed.harmonizers.state_dict()[key], value), key
+
+
+def test_stage1_trains_only_harmonizers_and_exports_a_clean_emulator(tmp_path, tiny_trainer) -> None:
+    module = HarmonizerImportance("tiny-llama", lr=1e-2)
+    original = {k: v.clone() for k, v in module.model.state_dict().items()}
+    export = EmulatorExport(str(tmp_path / "emu"), adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=0.75)
+    tiny_trainer(max_epochs=1, callbacks=[_replace(), export]).fit(module, datamodule=FixedLM())
+    now = {k.replace(".block.", "."): v for k, v in module.model.state_dict().items() if "harmonizer" not in k}
+    assert all(torch.equal(now[k], v) for k, v in original.items())
+    plan = read_plan(tmp_path / "emu")
+    assert plan.kinds == ["adapter", "block", "harmonizer", "adapter"] or plan.kinds == [
+        "adapter", "harmonizer", "block", "adapter",
+    ]  # fmt: skip
+    emulator, _ = load_emulator_artifact(tmp_path / "emu")
+    assert find_original_tensors(emulator.state_dict(), load_model("tiny-llama"), plan) == []
+
+
+def test_export_refuses_original_ffn_before_training(tiny_trainer) -> None:
+    module = HarmonizerImportance("tiny-llama")
+    export = EmulatorExport("unused", adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=1.0)
+    with pytest.raises(ValueError, match="beta_mlp=1.0"):
+        tiny_trainer(max_epochs=1, callbacks=[_replace(), export]).fit(module, datamodule=FixedLM())
+    with pytest.raises(ValueError, match="alpha=1.0"):
+        EmulatorExport("unused", alpha=1.0)
+    with pytest.raises(ValueError, match="num_candidates=1"):
+        LayerReplace(num_candidates=1)
+
+
+@pytest.mark.parametrize("method", ["uniform_drop", "gradot"])
+def test_distillation_exports_an_emulator_without_original_tensors(method, tmp_path, tiny_trainer) -> None:
+    module = EmulatorDistillation(
+        "tiny-llama", 1, 1, emulator_layers=1 if method == "uniform_drop" else None, method=method, lr=1e-2,
+        rank_budget=0.5, channel_budget=0.5, calib_batches=1,
+    )  # fmt: skip
+    export = EmulatorExport(str(tmp_path / "emu"))
+    tiny_trainer(max_steps=3, callbacks=[export]).fit(module, datamodule=FixedLM())
+    emulator, plan = load_emulator_artifact(tmp_path / "emu")
+    assert plan.method == method
+    assert find_original_tensors(emulator.state_dict(), load_model("tiny-llama"), plan) == []
+
+
+def test_data_owner_tuning_plug_in_and_wrong_base(tmp_path, synthetic_csv, tiny_trainer) -> None:
+    # A compressed, artifact-legal emulator from the in-process ScaleOT path.
+    stage1 = HarmonizerImportance("tiny-llama", lr=1e-2)
+    emu_dir, ad_dir = tmp_path / "emu", tmp_path / "adapters"
+    export = EmulatorExport(str(emu_dir), adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=0.75)
+    tiny_trainer(max_epochs=1, callbacks=[_replace(), export]).fit(stage1, datamodule=FixedLM())
+
+    owner = OffsiteFinetune("tiny-llama", str(emu_dir), tuning="lora", lr=1e-2)
+    trainable = {n for n, p in owner.named_parameters() if p.requires_grad}
+    assert trainable
+    assert all("lora_" in n and (".layers.0." in n or ".layers.3." in n) for n in trainable)
+    tiny_trainer(max_steps=3, callbacks=[AdapterExport(str(ad_dir))]).fit(owner, datamodule=_task(synthetic_csv))
+    adapters = torch.load(ad_dir / "adapters.pt", weights_only=True)
+    assert {k.split(".")[0] for k in adapters} == {"0", "3"}
+    assert not any("lora" in k for k in adapters)  # merged into the block weights
+
+    full = TextClassifier("tiny-llama", tuning="none")
+    before = {k: v.clone() for k, v in full.model.state_dict().items()}
+    result = tiny_trainer().test(full, datamodule=_task(synthetic_csv), verbose=False)
+    assert "test/acc" in result[0]
+    plugged = TextClassifier("tiny-llama", tuning="none")
+    tiny_trainer(callbacks=[PlugAdapters(str(ad_dir))]).test(plugged, datamodule=_task(synthetic_csv), verbose=False)
+    changed = {k for k, v in plugged.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed
+    assert all(".layers.0." in k or ".layers.3." in k for k in changed)
+
+    other = TextClassifier("tiny-gpt2", tuning="none")
+    with pytest.raises(ValueError, match="fingerprint"):
+        tiny_trainer(callbacks=[PlugAdapters(str(ad_dir))]).test(
+            other, datamodule=_task(synthetic_csv, tokenizer="tiny-gpt2")
+        )
+    with pytest.raises(ValueError, match="not an adapter artifact"):
+        PlugAdapters(str(emu_dir))
+    with pytest.raises(ValueError, match="emulator_dir"):
+        OffsiteFinetune("tiny-llama")
+
+
+def test_rank_compression_callback_runs_before_the_optimizer(synthetic_csv, tiny_trainer) -> None:
+    module = TextClassifier("tiny-llama", tuning="full", lr=1e-3)
+    callback = RankCompression(["model.layers.*.self_attn.[qo]_proj"], beta=0.25)
+    trainer = tiny_trainer(max_steps=1, callbacks=[callback])
+    trainer.fit(module, datamodule=_task(synthetic_csv))
+    compressed = [m for m in module.model.modules() if isinstance(m, LowRankLinear)]
+    assert len(compressed) == 8
+    assert set(callback.compressed.values()) == {8}
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert all(id(p) in optimized for m in compressed for p in m.parameters())
+    with pytest.raises(ValueError, match="rank=99"):
+        tiny_trainer(max_steps=1, callbacks=[RankCompression(["model.layers.*.self_attn.q_proj"], rank=99)]).fit(
+            TextClassifier("tiny-llama", tuning="full"), datamodule=_task(synthetic_csv)
+        )
+    with pytest.raises(ValueError, match="exactly one"):
+        RankCompression(["x"])
+    with pytest.raises(ValueError, match="matches no linear"):
+        RankCompression(["nothing.*"], beta=0.5).targets(module.model)
+
+
+def test_one_process_pipeline_writes_the_five_setting_report(tmp_path, synthetic_csv, tiny_trainer) -> None:
+    module = HarmonizerImportance("tiny-llama", lr=1e-2)
+    export = EmulatorExport(str(tmp_path / "emu"), adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=0.75)
+    pipeline = OffsitePipeline(
+        str(tmp_path / "report"), task=str(synthetic_csv), train_size=24, val_size=8, test_size=16, max_length=24,
+        batch_size=8, max_steps=2, lr=1e-2, alphas=[0.0], template="Text: {text}\nSentiment:",
+        label_words=[" negative", " positive"], label_names=["bad", "good"],
+    )  # fmt: skip
+    tiny_trainer(max_epochs=1, callbacks=[_replace(), export, pipeline]).fit(module, datamodule=FixedLM())
+    report = json.loads((tmp_path / "report" / "offsite_report.json").read_text())
+    assert set(report["settings"]) == {"full_zs", "emulator_zs", "ft", "emulator_ft", "plug_in"}
+    assert report["privacy_gap_points"] == pytest.approx(
+        100 * (report["settings"]["plug_in"]["acc"] - report["settings"]["emulator_ft"]["acc"])
+    )
+    assert [r["alpha"] for r in report["sweep"]] == [0.0, 0.5]
+    assert report["step_time_ratio_emulator_over_full"] > 0
+    assert (tmp_path / "report" / "offsite_report.md").read_text().count("Privacy gap") == 1
+    assert (tmp_path / "report" / "offsite_report.png").is_file()
+    with pytest.raises(ValueError, match="task="):
+        OffsitePipeline("x", task="imdb")
+    assert isinstance(EmulatorPlan.from_dict(read_plan(tmp_path / "emu").to_dict()), EmulatorPlan)
+    assert len(get_blocks(load_emulator_artifact(tmp_path / "emu")[0])) == 4
