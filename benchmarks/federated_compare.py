@@ -1,0 +1,90 @@
+"""FedPepTAO against its baselines on one setup: the same clients, rounds and local work, one row per method.
+
+Runs ``train.py fit`` once per method on a base config (configs/fed_prompt/), overriding only the server optimizer
+and which layers' prefixes are federated, then writes ``comparison.md`` / ``comparison.json`` and
+``accuracy_per_round.png`` under ``--out``.
+
+Usage::
+
+    python benchmarks/federated_compare.py --config configs/fed_prompt/fedpeptao_code.yaml \
+        --out benchmarks/results/federated_minilm_bbc --target 0.6
+    python benchmarks/federated_compare.py --config configs/fed_prompt/smollm2_tweets_fedpeptao.yaml \
+        --out benchmarks/results/federated_smollm2_tweets --target 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# label -> (output folder, overrides of trainer.strategy.init_args.federated)
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "FedPepTAO (50% layers)": ("fedpeptao", ["server=fedpeptao", "layers=fedpeptao"]),
+    "FedAvg (all layers)": ("fedavg", ["server=fedavg", "layers=all"]),
+    "FedProx mu=0.01 (all layers)": ("fedprox_mu_0_01", ["server=fedprox", "layers=all", "mu=0.01"]),
+    "SCAFFOLD (all layers)": ("scaffold", ["server=scaffold", "layers=all"]),
+    "FedAdam (all layers)": ("fedadam", ["server=fedadam", "layers=all"]),
+    # spec §12 setting (b): FedPepTAO's layer selection with the FedAvg server isolates the selection gain
+    "FedAvg (FedPepTAO's 50% layers)": ("fedavg_selected", ["server=fedavg", "layers=fedpeptao"]),
+    "FedPepTAO clean preset (50% layers)": (
+        "fedpeptao_clean",
+        ["server=fedpeptao", "layers=fedpeptao", "preset=clean"],
+    ),
+}
+DEFAULT_METHODS = list(METHODS)[:5]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--target", type=float, default=None, help="accuracy for 'rounds to target'")
+    parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, help="method labels (see METHODS)")
+    parser.add_argument("--resume", action="store_true", help="reuse finished runs' report.json")
+    parser.add_argument("--extra", nargs="*", default=[], help="more train.py overrides, e.g. --trainer.x=1")
+    args = parser.parse_args()
+
+    from privtune.federated.report import write_comparison
+    from train import main as train_main
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for label in args.methods:
+        slug = METHODS[label][0]
+        if args.resume and (out / slug / "report.json").exists():
+            report = json.loads((out / slug / "report.json").read_text())
+            if report.get("label") == label:
+                runs.append(report)
+                continue
+        slug, method_overrides = METHODS[label]
+        run_dir = out / slug
+        fed = "--trainer.strategy.init_args.federated."
+        overrides = [f"{fed}{o}" for o in method_overrides]
+        overrides += [
+            f"{fed}report_dir={run_dir}",
+            f"--trainer.default_root_dir={run_dir}",
+            f"--data.init_args.partition_dir={run_dir}",
+            *args.extra,
+        ]
+        start = time.perf_counter()
+        train_main(["fit", "--config", args.config, *overrides])
+        report = json.loads((run_dir / "report.json").read_text())
+        report["label"] = label
+        report["wall_seconds"] = time.perf_counter() - start
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        runs.append(report)
+        print(f"{label}: {report['history'][-1]} ({report['wall_seconds']:.0f} s)", flush=True)
+    table = write_comparison(out, runs, args.target, title=Path(args.config).stem)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The FedPepTAO server: FedAvg, then momentum with control-variate drift correction, all on the server.
+
+FedPepTAO (Che et al., EMNLP 2023, arXiv 2310.15080), server side as in the official code (§7 of the spec). All
+state lives on the server and is computed from the uploaded prompt slices, so the correction adds no traffic.
+
+Per round, with uploads ``(w_i, K_i, n_i)`` of the sampled clients ``S``, ``p_i = n_i / sum n``::
+
+    w_bar = sum p_i w_i                                   # FedAvg
+    D_t   = w - w_bar                                     # pseudo-gradient (old - new)
+    c_i+  = c_i - c + (w - w_i) / (K_i eta_l);  dc_i = c_i+ - c_i
+    c    <- c + (|S| / N) sum K_i dc_i / sum K_i
+    round 1 and server_step_round1 = "skip":  D_prev <- D_t;  w <- w_bar;  c_i <- c_i+;  done
+    g = D_prev - D_t ("delta_diff") or D_t ("delta");  D_prev <- D_t
+    eta_s <- max(decay eta_s, eta_min)                    # before use when decay_before_step
+    round_start:  m_i = beta m + (1 - beta) g + (c - c_i+);  w = sum p_i (w_bar - eta_s m_i);  m = sum p_i m_i
+    chained:      mu <- m;  for i in S (in order): mu <- beta mu + (1 - beta) g + (c - c_i+);  w_i' = w_bar - eta_s mu
+                  w = sum p_i w_i';  m <- mu
+    c_i <- c_i+
+
+The released code's ambiguities are explicit options (:class:`FedPepTAOOptions`, presets ``code`` and ``clean``).
+
+Threat model: the server sees the selected prompt slices of the sampled clients and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+from privtune.federated.aggregate import ClientUpdate, State, normalized_weights
+from privtune.federated.fedopt import ServerOptimizer
+
+ServerGrad = Literal["delta_diff", "delta"]
+MomentumMode = Literal["chained", "round_start"]
+Round1 = Literal["skip", "apply"]
+
+
+@dataclass
+class FedPepTAOOptions:
+    """The released code's ambiguities as named options (spec §8).
+
+    Attributes:
+        server_grad: ``delta_diff`` (code: ``g = D_{t-1} - D_t``) or ``delta`` (FedAvgM-style ``g = D_t``).
+        momentum_mode: ``chained`` (one buffer aliased across clients, code) or ``round_start``.
+        reset_local_opt_each_round: a fresh client AdamW every round (clean) or the client's saved state (code).
+        local_zero_grad: zero the gradient before each local step (the GPT-2/LLaMA code accumulates instead).
+        server_step_round1: ``skip`` the server step in round 1 (w = w_bar) or ``apply`` it.
+        server_lr: initial ``eta_s``.
+        server_lr_decay: multiplier on ``eta_s`` each round.
+        server_lr_min: floor of ``eta_s``.
+        decay_before_step: decay ``eta_s`` before using it (the first step then uses ``0.99 * 0.05``).
+        momentum: ``beta``.
+        cv_local_lr: ``eta_l`` in the control-variate update (the nominal local lr, not Adam's effective step).
+        personalization: unselected layers' prefixes stay local (the released configuration).
+
+    Raises:
+        ValueError: on a value outside its allowed set or range.
+    """
+
+    server_grad: ServerGrad = "delta_diff"
+    momentum_mode: MomentumMode = "chained"
+    reset_local_opt_each_round: bool = False
+    local_zero_grad: bool = True
+    server_step_round1: Round1 = "skip"
+    server_lr: float = 0.05
+    server_lr_decay: float = 0.99
+    server_lr_min: float = 1e-4
+    decay_before_step: bool = True
+    momentum: float = 0.9
+    cv_local_lr: float = 0.04
+    personalization: bool = True
+
+    def __post_init__(self) -> None:
+        choices = {
+            "server_grad": ("delta_diff", "delta"),
+            "momentum_mode": ("chained", "round_start"),
+            "server_step_round1": ("skip", "apply"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}; got {getattr(self, name)!r}.")
+        if self.server_lr < 0:
+            raise ValueError(f"`server_lr` must be >= 0; got {self.server_lr}.")
+        if not 0.0 < self.server_lr_decay <= 1.0:
+            raise ValueError(f"`server_lr_decay` must be in (0, 1]; got {self.server_lr_decay}.")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1); got {self.momentum}.")
+        if self.cv_local_lr <= 0:
+            raise ValueError(f"`cv_local_lr` must be > 0; got {self.cv_local_lr}.")
+        if not self.personalization:
+            raise ValueError(
+                "`personalization=False` (masking unselected layers' prefixes out of attention) is not implemented; "
+                "allowed: True."
+            )
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> FedPepTAOOptions:
+        """``code`` (faithful to the released code) or ``clean`` (spec §8), with keyword overrides."""
+        presets = {
+            "code": {
+                "server_grad": "delta_diff",
+                "momentum_mode": "chained",
+                "reset_local_opt_each_round": False,
+                "local_zero_grad": True,
+            },
+            "clean": {
+                "server_grad": "delta",
+                "momentum_mode": "round_start",
+                "reset_local_opt_each_round": True,
+                "local_zero_grad": True,
+            },
+        }
+        if name not in presets:
+            raise ValueError(f"`preset` must be one of {tuple(presets)}; got {name!r}.")
+        return cls(**{**presets[name], **overrides})
+
+
+def _zeros(like: State) -> State:
+    return {k: torch.zeros_like(v, dtype=torch.float32) for k, v in like.items()}
+
+
+class FedPepTAOServer(ServerOptimizer):
+    """Server state (``w`` is the global state passed to :meth:`step`; ``m``, ``c``, ``c_i``, ``D_prev``, ``eta_s``).
+
+    Args:
+        num_clients: ``N``.
+        options: a :class:`FedPepTAOOptions` (default: the ``code`` preset).
+        adaptive_names: the tensors the momentum / control-variate step applies to (``None``: all). Others get the
+            FedAvg value ``w_bar``. privtune passes ``["prefix"]``: the spec's server state covers the prompt slices
+            only, and an encoder's classification head (absent from the FedPepTAO code, which used an MLM
+            verbalizer) is averaged.
+
+    Raises:
+        ValueError: if ``num_clients < 1``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_clients: int,
+        options: FedPepTAOOptions | None = None,
+        adaptive_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.adaptive_names = None if adaptive_names is None else list(adaptive_names)
+        if num_clients < 1:
+            raise ValueError(f"`num_clients` must be >= 1; got {num_clients}.")
+        self.num_clients = num_clients
+        self.options = options or FedPepTAOOptions()
+        self.client_lr = None
+        self.eta_s = self.options.server_lr
+        self.m: State | None = None
+        self.c: State | None = None
+        self.c_clients: dict[int, State] = {}
+        self.delta_prev: State | None = None
+        self.diagnostics: dict[str, float] = {}
+
+    def update(self, w: State, w_bar: State, updates: Sequence[ClientUpdate]) -> State:
+        if self.adaptive_names is None:
+            return self._adaptive_update(w, w_bar, updates)
+        names = [k for k in w if k in self.adaptive_names]
+        out = self._adaptive_update(
+            {k: w[k] for k in names},
+            {k: w_bar[k] for k in names},
+            [ClientUpdate(u.client_id, {k: u.state[k] for k in names}, u.num_examples, u.num_steps) for u in updates],
+        )
+        return {k: out[k] if k in out else w_bar[k] for k in w}
+
+    def _adaptive_update(self, w: State, w_bar: State, updates: Sequence[ClientUpdate]) -> State:
+        opt = self.options
+        p = normalized_weights([u.num_examples for u in updates]).float()
+        if self.m is None:
+            self.m, self.c = _zeros(w), _zeros(w)
+        assert self.m is not None
+        assert self.c is not None
+        delta = {k: w[k] - w_bar[k] for k in w}
+        # control variates of the sampled clients, from their uploads
+        c_plus: list[State] = []
+        for u in updates:
+            if u.num_steps < 1:
+                raise ValueError(f"client {u.client_id} reported `num_steps={u.num_steps}`; FedPepTAO needs K_i >= 1.")
+            c_i = self.c_clients.get(u.client_id) or _zeros(w)
+            c_plus.append({k: c_i[k] - self.c[k] + (w[k] - u.state[k]) / (u.num_steps * opt.cv_local_lr) for k in w})
+        steps = torch.tensor([float(u.num_steps) for u in updates])
+        rate = len(updates) / self.num_clients
+        c_new = {}
+        for k in w:
+            acc = torch.zeros_like(w[k])
+            for u, cp, k_i in zip(updates, c_plus, steps):
+                c_i = self.c_clients.get(u.client_id)
+                acc += k_i * (cp[k] - (c_i[k] if c_i is not None else 0.0))
+            c_new[k] = self.c[k] + rate * acc / steps.sum()
+        self.c = c_new
+
+        def commit_client_variates() -> None:
+            for u, cp in zip(updates, c_plus):
+                self.c_clients[u.client_id] = cp
+
+        if self.round == 1 and opt.server_step_round1 == "skip":
+            self.delta_prev = delta
+            commit_client_variates()
+            return w_bar
+        if opt.server_grad == "delta_diff":
+            prev = self.delta_prev if self.delta_prev is not None else _zeros(w)
+            g = {k: prev[k] - delta[k] for k in w}
+        else:
+            g = delta
+        self.delta_prev = delta
+        if opt.decay_before_step:
+            self.eta_s = max(opt.server_lr_decay * self.eta_s, opt.server_lr_min)
+        eta, beta = self.eta_s, opt.momentum
+        new_w = {k: torch.zeros_like(v) for k, v in w.items()}
+        if opt.momentum_mode == "round_start":
+            new_m = {k: torch.zeros_like(v) for k, v in w.items()}
+            for p_i, cp in zip(p, c_plus):
+                for k in w:
+                    m_i = beta * self.m[k] + (1 - beta) * g[k] + (self.c[k] - cp[k])
+                    new_w[k] += p_i * (w_bar[k] - eta * m_i)
+                    new_m[k] += p_i * m_i
+            self.m = new_m
+        else:
+            mu = dict(self.m)
+            for p_i, cp in zip(p, c_plus):
+                for k in w:
+                    mu[k] = beta * mu[k] + (1 - beta) * g[k] + (self.c[k] - cp[k])
+                    new_w[k] += p_i * (w_bar[k] - eta * mu[k])
+            self.m = mu
+        if not opt.decay_before_step:
+            self.eta_s = max(opt.server_lr_decay * self.eta_s, opt.server_lr_min)
+        commit_client_variates()
+        m_norm = sum(float(v.norm() ** 2) for v in self.m.values()) ** 0.5
+        cv_norm = sum(float(sum(v.norm() ** 2 for v in cp.values())) ** 0.5 for cp in c_plus) / len(c_plus)
+        self.diagnostics = {"server/cv_to_momentum_ratio": cv_norm / max(m_norm, 1e-12), "server/lr": eta}
+        return new_w
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "m": self.m,
+            "c": self.c,
+            "c_clients": self.c_clients,
+            "delta_prev": self.delta_prev,
+            "eta_s": self.eta_s,
+            "options": asdict(self.options),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.m, self.c, self.delta_prev = state["m"], state["c"], state["delta_prev"]
+        self.c_clients = {int(k): v for k, v in state["c_clients"].items()}
+        self.eta_s = float(state["eta_s"])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "num_clients": self.num_clients,
+            "adaptive_names": self.adaptive_names,
+            **asdict(self.options),
+        }

@@ -1,0 +1,212 @@
+"""Deep prefix prompt tuning of a frozen model for text classification (the FedPepTAO client model).
+
+FedPepTAO (Che et al., EMNLP 2023, arXiv 2310.15080) tunes P-tuning v2 deep prefixes (arXiv 2110.07602) with the
+backbone frozen:
+
+* decoders (Llama, GPT-2, OPT families: SmolLM2) use candidate scoring of single-token label words at the last
+  real token: the loss is the full-vocabulary cross-entropy of the label word (MetaICL "direct", spec §3); the
+  prediction is the argmax over the label words only;
+* encoders (BERT family: MiniLM, which has no MLM head) use the sequence-classification head; the fresh head is
+  trained with the prefix and federated with it (it is small: ``C * (d + 1)`` values).
+
+The module trains like any LightningModule (centralised prompt tuning) and exposes the pieces the federated
+Strategy drives per client: :meth:`client_parameters`, :meth:`client_loss`, :meth:`predict`.
+
+Threat model: as a module, none; under the federated Strategy only the prompt (slices) and the head leave a client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from privtune.models import get_lm_head, is_decoder, load_model, load_tokenizer, resolve_model
+from privtune.models.scoring import last_token_index
+from privtune.prompts import DeepPrefixPrompt, freeze_backbone
+
+
+class PromptTuning(pl.LightningModule):
+    """A frozen model with a deep prefix prompt, for classification.
+
+    Args:
+        model: model name or folder (see :func:`privtune.models.resolve_model`).
+        num_virtual_tokens: prefix length ``P``.
+        prefix_dropout: dropout on the prefix at forward time (0.1 in P-tuning v2).
+        init_std: standard deviation of the prefix initialisation.
+        num_labels: classes of an encoder's head (decoders score label words and ignore it).
+        lr: learning rate for centralised training (the federated Strategy uses its client settings).
+        weight_decay: AdamW weight decay for centralised training.
+        seed: seeds the prefix and head initialisation (every client starts from the same prompt).
+
+    Raises:
+        ValueError: for an unknown model, ``num_virtual_tokens < 1``, ``lr <= 0`` or an encoder without
+            ``num_labels``, before any weight is loaded.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        num_virtual_tokens: int = 5,
+        prefix_dropout: float = 0.1,
+        init_std: float = 0.02,
+        num_labels: int | None = None,
+        lr: float = 0.04,
+        weight_decay: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        errors = []
+        if num_virtual_tokens < 1:
+            errors.append(f"`num_virtual_tokens={num_virtual_tokens}` must be >= 1.")
+        if not lr > 0:
+            errors.append(f"`lr={lr}` must be > 0.")
+        if errors:
+            raise ValueError(" ".join(errors))
+        resolve_model(model)
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(model)
+        from privtune.models import load_config
+
+        decoder = load_config(model).model_type not in ("bert", "roberta")
+        if not decoder and num_labels is None:
+            raise ValueError(f"`num_labels` is required for the encoder `model={model!r}` (its classification head).")
+        task = "causal_lm" if decoder else "sequence_classification"
+        self.model = load_model(model, task=task, num_labels=num_labels, seed=seed)
+        self.decoder = is_decoder(self.model)
+        freeze_backbone(self.model)
+        self.prompt = DeepPrefixPrompt.for_model(
+            self.model, num_virtual_tokens=num_virtual_tokens, dropout=prefix_dropout, init_std=init_std, seed=seed
+        )
+        self.head: nn.Module | None = None
+        if not self.decoder:
+            self.head = self.model.classifier
+            self.head.requires_grad_(True)
+        self.lr, self.weight_decay = lr, weight_decay
+        self.label_token_ids: Tensor | None = None
+        self.num_classes: int | None = num_labels
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            self.configure_labels(getattr(datamodule, "label_token_ids", None), getattr(datamodule, "num_classes", 0))
+
+    def configure_labels(self, label_token_ids: Tensor | None, num_classes: int) -> None:
+        """Take the verbalizer (decoders) and the class count from the data.
+
+        Raises:
+            ValueError: if a decoder gets no label words or an encoder's head size disagrees with the data.
+        """
+        if self.decoder:
+            if label_token_ids is None:
+                raise ValueError(
+                    f"The decoder `model={self.hparams.model!r}` classifies by label words: give the datamodule "
+                    "`label_words` (one single-token word per class)."
+                )
+            self.label_token_ids = torch.as_tensor(label_token_ids, dtype=torch.long)
+        elif self.num_classes is not None and num_classes and num_classes != self.num_classes:
+            raise ValueError(f"`num_labels={self.num_classes}` but the datamodule has {num_classes} classes.")
+        self.num_classes = num_classes or self.num_classes
+
+    # ------------------------------------------------------------------ what a client trains and sends
+    def client_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors by name: ``prefix`` ``[P, L, 2, H_kv]`` and, for encoders, ``head.*``."""
+        params = {"prefix": self.prompt.weight}
+        if self.head is not None:
+            params.update({f"head.{k}": p for k, p in self.head.named_parameters()})
+        return params
+
+    # ------------------------------------------------------------------ forward
+    def _run(self, batch: dict[str, Tensor], output_hidden_states: bool = False) -> Any:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        kwargs = self.prompt.forward_kwargs(mask)
+        if self.decoder:
+            return self.model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1, **kwargs)
+        return self.model(input_ids=ids, use_cache=False, output_hidden_states=output_hidden_states, **kwargs)
+
+    def _decoder_last_hidden(self, out: Any, mask: Tensor) -> Tensor:
+        hidden = out.hidden_states[-1]  # [B, T, d] (the prefix is in the cache, not in the sequence)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last_token_index(mask)]  # [B, d]
+
+    def _label_ids(self, device: torch.device) -> Tensor:
+        if self.label_token_ids is None:
+            raise RuntimeError("call `configure_labels` (or fit with a datamodule) before running a decoder.")
+        return self.label_token_ids.to(device)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Class scores ``[B, C]``."""
+        out = self._run(batch)
+        if not self.decoder:
+            return out.logits
+        last = self._decoder_last_hidden(out, batch["attention_mask"])
+        head = get_lm_head(self.model)
+        ids = self._label_ids(last.device)
+        scores = last @ head.weight[ids].T
+        if getattr(head, "bias", None) is not None:
+            scores = scores + head.bias[ids]
+        return scores
+
+    def client_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """Training loss: full-vocabulary CE of the label word (decoders), CE of the head (encoders)."""
+        out = self._run(batch)
+        if not self.decoder:
+            return F.cross_entropy(out.logits.float(), batch["labels"])
+        last = self._decoder_last_hidden(out, batch["attention_mask"])
+        logits = get_lm_head(self.model)(last).float()  # [B, V] at one position
+        return F.cross_entropy(logits, self._label_ids(last.device)[batch["labels"]])
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, Tensor]) -> Tensor:
+        """Predicted class per row ``[B]`` (argmax over the label words / head outputs)."""
+        return self(batch).argmax(-1)
+
+    @torch.no_grad()
+    def hidden_states(self, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """All layer outputs (index 0 = embeddings), for FedPepTAO's layer scoring."""
+        return self._run(batch, output_hidden_states=True).hidden_states
+
+    # ------------------------------------------------------------------ centralised training
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.client_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        return loss
+
+    def _eval(self, batch: dict[str, Tensor], split: str) -> None:
+        if not hasattr(self, f"_{split}_acc"):
+            setattr(self, f"_{split}_acc", MulticlassAccuracy(num_classes=self.num_classes, average="micro"))
+        metric = getattr(self, f"_{split}_acc").to(self.device)
+        metric.update(self.predict(batch), batch["labels"])
+        self.log(f"{split}/acc", metric, prog_bar=True, batch_size=batch["labels"].shape[0])
+
+    @override
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval(batch, "val")
+
+    @override
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval(batch, "test")
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(list(self.client_parameters().values()), lr=self.lr, weight_decay=self.weight_decay)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the frozen backbone is rebuilt from `model`; only the trainable tensors are written
+        head = [f"model.classifier.{k}" for k, _ in self.head.named_parameters()] if self.head is not None else []
+        keep = {"prompt.weight", *head}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        self.strict_loading = False
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.strict_loading = False

@@ -1,0 +1,226 @@
+"""Lightning Strategies that simulate federated prompt tuning: clients in one process, or across DDP ranks.
+
+FedPepTAO (Che et al., EMNLP 2023, arXiv 2310.15080) and its baselines run as ``train.py fit`` with one of:
+
+* :class:`FederatedSimulation`: every sampled client trains in turn in this process (one machine, CI);
+* :class:`FederatedDDP`: ``--trainer.devices=N`` ranks (gloo on CPU, NCCL on GPU); each rank trains the clients
+  ``j % N == rank`` of a round's reporting clients, the uploads are gathered on every rank and every rank runs the
+  same server step, so all ranks hold the same global prompt.
+
+Both call the same :class:`~privtune.strategies.runner.FederatedRunner` and the same pure server code, so the two
+modes give the same prompts for the same seed. One Lightning training step is one federated round; the
+datamodule must be a :class:`~privtune.datamodules.federated.FederatedDataModule`. Checkpoints gain a
+``federated`` entry with the server state, every client's prompt / optimizer state / control variate, the round
+counter, the ledger and the partial results of an unfinished round.
+
+Threat model: simulated; clients exchange only the named prompt tensors with the server (see
+``privtune.federated``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from privtune.strategies.config import FederatedConfig
+from privtune.strategies.runner import FederatedRunner
+
+CHECKPOINT_KEY = "federated"
+
+
+class _FederatedMixin:
+    """The round loop, checkpoint hooks and the report, shared by both strategies."""
+
+    runner: FederatedRunner
+
+    def _init_federated(self, federated: FederatedConfig | dict[str, Any] | None) -> None:
+        if federated is None:
+            federated = FederatedConfig()
+        elif isinstance(federated, dict):
+            federated = FederatedConfig(**federated)
+        self.federated = federated
+        self.runner = FederatedRunner(federated)
+        self.runner.on_client_end = self.on_client_end
+
+    def _rank_world(self) -> tuple[int, int]:
+        return 0, 1
+
+    def _gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def _setup_federated(self, trainer: pl.Trainer) -> None:
+        module = trainer.lightning_module
+        module.automatic_optimization = False  # the runner drives the local optimizers itself
+        self._trainer_ref = trainer
+        self.runner.setup(module, trainer.datamodule)
+
+    def federated_training_step(self) -> Any:
+        trainer = self._trainer_ref
+        module = trainer.lightning_module
+        rank, world = self._rank_world()
+        metrics = self.runner.run_round(module, trainer.datamodule, rank, world, self._gather)
+        if not metrics:
+            trainer.should_stop = True
+            return None
+        module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=1, rank_zero_only=True)
+        acc = metrics.get("fed/personalized_acc")
+        rank_zero_info(
+            f"[federated] round {int(metrics['round'])}/{self.federated.num_rounds}: "
+            f"acc={'-' if acc is None else f'{acc:.4f}'} up={int(metrics['comm/up_bytes'])} B "
+            f"round_time={metrics['time/round_seconds']:.1f} s"
+        )
+        if self.runner.round >= self.federated.num_rounds:
+            trainer.should_stop = True
+        return None
+
+    def on_client_end(self, round_idx: int, client: int) -> None:
+        """Called after each client of a round; writes ``round_checkpoint`` when configured (in-process mode)."""
+        path = self.federated.round_checkpoint
+        if path is not None and self._rank_world()[1] == 1:
+            self._trainer_ref.save_checkpoint(path)
+
+    def _add_state(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.runner.state_dict()
+
+    def _take_state(self, checkpoint: dict[str, Any]) -> None:
+        if CHECKPOINT_KEY in checkpoint:
+            self.runner.restore_later(checkpoint[CHECKPOINT_KEY])
+
+    def write_report(self) -> None:
+        """JSON + Markdown report and an accuracy-per-round plot in ``report_dir`` (rank 0)."""
+        from privtune.federated.report import write_run_report
+
+        out = self.federated.report_dir
+        if out is None or self._rank_world()[0] != 0:
+            return
+        run = self.runner
+        prefix = {"prefix": list(run.global_state["prefix"].shape)} if run.global_state else {}
+        write_run_report(
+            Path(out),
+            {
+                "server": self.federated.server,
+                "config": dict(vars(self.federated)),
+                "fedpeptao_options": vars(self.federated.options()),
+                "server_optimizer": run.server.describe() if run.server is not None else {},
+                "selected_layers": run.selected,
+                "layer_scores": run.layer_scores,
+                "selection_ratio": run.ratio,
+                "communicated_shapes": prefix,
+                "elements_per_client": run.elements_per_client(),
+                "ledger": run.ledger.summary(),
+                "history": run.history,
+                "peak_client_state_bytes": run.store.nbytes() if run.store is not None else 0,
+            },
+        )
+
+
+class FederatedSimulation(_FederatedMixin, SingleDeviceStrategy):
+    """Every sampled client trains in turn in this process.
+
+    Args:
+        federated: the run's :class:`~privtune.strategies.config.FederatedConfig` (a mapping in YAML).
+        device: ``cpu`` or ``cuda:0``.
+
+    Example::
+
+        python train.py fit --config configs/fed_prompt/fedpeptao_code.yaml
+    """
+
+    def __init__(self, federated: FederatedConfig | None = None, device: str = "cpu") -> None:
+        super().__init__(device=torch.device(device))
+        self._init_federated(federated)
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        self._setup_federated(trainer)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self.federated_training_step()
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        self._add_state(checkpoint)
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
+        self._take_state(checkpoint)
+        return checkpoint
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self.write_report()
+
+
+class FederatedDDP(_FederatedMixin, DDPStrategy):
+    """Clients placed across DDP ranks (``--trainer.devices=N``); gloo on CPU, NCCL on GPU.
+
+    Args:
+        federated: the run's :class:`~privtune.strategies.config.FederatedConfig` (a mapping in YAML).
+        process_group_backend: ``gloo`` / ``nccl`` (Lightning's choice for the device when ``None``).
+    """
+
+    def __init__(self, federated: FederatedConfig | None = None, process_group_backend: str | None = None) -> None:
+        super().__init__(process_group_backend=process_group_backend)
+        self._init_federated(federated)
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # every rank walks the same round ticks; clients, not rounds, are split across ranks
+        return {"num_replicas": 1, "rank": 0}
+
+    def _rank_world(self) -> tuple[int, int]:
+        return self.global_rank, self.world_size
+
+    def _gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        self._setup_federated(trainer)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self.federated_training_step()
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        self._add_state(checkpoint)
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
+        self._take_state(checkpoint)
+        return checkpoint
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self.write_report()
+
+
+def final_prompt(strategy: _FederatedMixin) -> dict[str, Any]:
+    """The global communicated state after the run (for tests and reports)."""
+    return {k: v.clone() for k, v in strategy.runner.global_state.items()}
+
+
+def dump_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON."""
+    Path(path).write_text(json.dumps(data, indent=2, default=str))

@@ -1,0 +1,37 @@
+"""The same federated run in one process and across 2 gloo DDP ranks gives the same prompts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "ddp_scripts" / "fed_ddp.py"
+
+
+def _run(out: Path, mode: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PL_DISABLE_FORK": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), mode], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out / f"result_{mode}.pt", weights_only=False)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_one_process_and_two_ddp_ranks_give_the_same_prompts(tmp_path: Path) -> None:
+    ddp = _run(tmp_path / "ddp", "ddp")
+    single = _run(tmp_path / "single", "single")
+    assert ddp["world_size"] == 2
+    assert single["world_size"] == 1
+    torch.testing.assert_close(ddp["prompt"]["prefix"], single["prompt"]["prefix"], rtol=1e-6, atol=1e-7)
+    assert sorted(ddp["clients"]) == sorted(single["clients"])
+    for cid, prompt in single["clients"].items():
+        torch.testing.assert_close(ddp["clients"][cid], prompt, rtol=1e-6, atol=1e-7)
+    accs = [h.get("fed/personalized_acc") for h in single["history"]]
+    assert [h.get("fed/personalized_acc") for h in ddp["history"]] == pytest.approx(accs)

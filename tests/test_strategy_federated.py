@@ -1,0 +1,120 @@
+"""The federated Strategy in one process: rounds, accounting, baselines, resume, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from privtune.strategies import SERVERS, FederatedConfig, FederatedSimulation, final_prompt
+from tests.ddp_scripts.fed_common import make_data, make_trainer, run, write_csv
+
+
+def test_fedpeptao_round_loop_accounting_and_report(tmp_path: Path) -> None:
+    trainer, strategy = run(tmp_path, layers="fedpeptao", num_selected_layers=2, report_dir=str(tmp_path / "rep"))
+    runner = strategy.runner
+    assert runner.round == 3
+    assert len(runner.selected) == 2
+    assert runner.layer_scores[-1] == 0.0
+    # tiny-llama: P = 2, H_kv = 2 * 8; 2 layers -> 2 * 2 * 2 * 16 = 128 elements, 3 of 6 clients per round
+    rec = runner.ledger.rounds[0]
+    assert rec.num_transfer_params == 128
+    assert rec.up_bytes == rec.down_bytes == 4 * 128 * 3
+    assert 0 < rec.round_seconds <= rec.serial_seconds  # slowest client <= sum over clients
+    assert 0.0 <= runner.history[-1]["fed/personalized_acc"] <= 1.0
+    assert not torch.equal(final_prompt(strategy)["prefix"], runner.store.initial_prompt[:, runner.selected])
+    # unselected layers stay personalised: two clients that trained differ there
+    trained = list(runner.store.clients.values())
+    unselected = [i for i in range(4) if i not in runner.selected]
+    assert not torch.equal(trained[0].prompt[:, unselected], trained[1].prompt[:, unselected])
+    for name in ("report.json", "report.md", "accuracy.png"):
+        assert (tmp_path / "rep" / name).exists()
+
+
+@pytest.mark.parametrize("server", [s for s in SERVERS if s != "fedpeptao"])
+def test_every_baseline_runs_on_an_encoder(tmp_path: Path, server: str) -> None:
+    _, strategy = run(tmp_path, model="tiny-bert", server=server, num_rounds=2, client_lr=0.04)
+    runner = strategy.runner
+    assert runner.round == 2
+    assert set(runner.global_state) == {"prefix", "head.weight", "head.bias"}
+    factor = 2 if server == "scaffold" else 1
+    assert runner.ledger.rounds[0].num_transfer_params == factor * runner.elements_per_client()
+
+
+def test_dropout_and_stragglers(tmp_path: Path) -> None:
+    _, strategy = run(
+        tmp_path, num_clients=6, sample_fraction=1.0, dropout_fraction=0.34, straggler_fraction=0.5, num_rounds=1
+    )
+    rec = strategy.runner.ledger.rounds[0]
+    assert len(rec.clients) == 6
+    assert len(rec.reported) == 4
+    assert rec.up_bytes == 4 * rec.num_transfer_params * 4
+    assert rec.down_bytes == 4 * rec.num_transfer_params * 6
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+class _KillMidRound(FederatedSimulation):
+    def on_client_end(self, round_idx: int, client: int) -> None:
+        super().on_client_end(round_idx, client)
+        if round_idx == 2:
+            raise _Killed(f"killed in round {round_idx} after client {client}")
+
+
+def test_kill_mid_round_and_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    fed = {"layers": "fedpeptao", "num_selected_layers": 2, "num_rounds": 3}
+    (tmp_path / "a").mkdir()
+    _, full = run(tmp_path / "a", **fed)
+    ckpt = tmp_path / "b" / "round.ckpt"
+    (tmp_path / "b").mkdir()
+    with pytest.raises(_Killed):
+        run(tmp_path / "b", strategy_cls=_KillMidRound, round_checkpoint=str(ckpt), **fed)
+    state = torch.load(ckpt, weights_only=False)["federated"]
+    assert state["round"] == 1
+    assert len(state["pending"]["updates"]) == 1  # one client of round 2 done before the kill
+    from privtune.modules.prompt_tuning import PromptTuning
+
+    strategy = FederatedSimulation(federated=FederatedConfig(sample_fraction=0.5, local_max_steps=2, **fed))
+    trainer = make_trainer(strategy, tmp_path / "b")
+    data = make_data(tmp_path / "b" / "data.csv")
+    trainer.fit(PromptTuning(model="tiny-llama", num_virtual_tokens=2, seed=0), datamodule=data, ckpt_path=str(ckpt))
+    assert strategy.runner.round == 3
+    torch.testing.assert_close(final_prompt(strategy)["prefix"], final_prompt(full)["prefix"], rtol=0, atol=0)
+    for cid, c in full.runner.store.clients.items():
+        torch.testing.assert_close(strategy.runner.store.clients[cid].prompt, c.prompt, rtol=0, atol=0)
+        exp_avg = c.optimizer["state"][0]["exp_avg"]
+        torch.testing.assert_close(strategy.runner.store.clients[cid].optimizer["state"][0]["exp_avg"], exp_avg)
+    assert strategy.runner.server.state_dict()["eta_s"] == full.runner.server.state_dict()["eta_s"]
+
+
+def test_bad_input_fails_before_work(tmp_path: Path) -> None:
+    csv_path = write_csv(tmp_path / "data.csv")
+    with pytest.raises(ValueError, match=r"`num_clients=30` exceeds the 24 examples"):
+        make_data(csv_path, num_clients=30)
+    with pytest.raises(ValueError, match=r"`alpha`.*got 0"):
+        make_data(csv_path, alpha=0.0)
+    with pytest.raises(ValueError, match=r"`sample_fraction` must be in \(0, 1\]; got 1.5"):
+        FederatedConfig(sample_fraction=1.5)
+    with pytest.raises(ValueError, match=r"`sample_fraction` must be in \(0, 1\]; got 0"):
+        FederatedConfig(sample_fraction=0.0)
+    with pytest.raises(ValueError, match="`num_selected_layers=9` exceeds the model's 4 prompt layers"):
+        run(tmp_path, layers="fedpeptao", num_selected_layers=9)
+    with pytest.raises(ValueError, match=r"`selected_layers` has \[7\]"):
+        run(tmp_path, layers="list", selected_layers=[0, 7])
+    from privtune.modules.prompt_tuning import PromptTuning
+
+    trainer = make_trainer(FederatedSimulation(), tmp_path)
+    module, plain = PromptTuning(model="tiny-llama", num_virtual_tokens=2), make_data(csv_path).inner
+    with pytest.raises(ValueError, match="client-partitioned datamodule"):
+        trainer.fit(module, datamodule=plain)
+
+
+def test_slq_chooses_how_many_layers(tmp_path: Path) -> None:
+    _, strategy = run(tmp_path, layers="fedpeptao", selection_ratio=None, slq_iterations=8, num_rounds=1)
+    runner = strategy.runner
+    assert runner.ratio is not None
+    assert 0.0 <= runner.ratio <= 1.0
+    assert len(runner.selected) == max(1, min(4, round(runner.ratio * 4)))
