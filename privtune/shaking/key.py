@@ -1,0 +1,344 @@
+"""The CypherTalk shaking key: a vertical operator chain and a horizontal vocabulary permutation.
+
+CypherTalk (arXiv 2403.07283) keys a model with ``vskey = {vsn, vsops[], vsopts[]}`` (a chain of vertical
+operators) and ``hskey`` (a permutation ``pi`` of the vocabulary). A :class:`ShakeKey` stores only a 128-bit
+secret seed and the plain chain/configuration: every tensor (operator states, ``pi``, ``pi^-1``) is
+regenerated from seeds derived from it, so a key file is a few hundred bytes and regenerates identical
+tensors everywhere.
+
+Threat model: the key is the data owner's secret against an honest-but-curious cloud. It lives only on the
+client; ``repr`` and :meth:`ShakeKey.describe` never show the seed, and a :meth:`ShakeKey.fingerprint`
+(a hash that reveals nothing about the 128-bit seed) is what logs and checkpoints may carry.
+
+Client-side mapping (spec §2.2): encode ``ids_s = pi[ids]``, decode ``ids = pi^-1[ids_s]``, logits back to
+the plain order ``logits = logits_s[..., pi]``, LM labels ``pi[labels]`` with ``-100`` kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from privtune.shaking.operators import TableStats, get_operator, operator_names
+
+KEY_VERSION = 1
+Pin = Literal["special", "none"]
+NoiseMode = Literal["fixed"]
+_PINS = ("special", "none")
+
+
+def _derive_seed(secret: str, label: str) -> int:
+    """A 63-bit generator seed derived from the secret and a label (independent streams per use)."""
+    digest = hashlib.sha256(f"{secret}:{label}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class OpStep:
+    """One step of the vertical chain: an operator name and its full scalar parameters."""
+
+    name: str
+    params: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", get_operator(self.name).validate(dict(self.params)))
+
+
+@dataclass(frozen=True)
+class KeySetting:
+    """What a key is drawn from (the operator setting that :mod:`privtune.shaking.search` tunes).
+
+    Attributes:
+        operators: the enabled operator set; each chain step draws one uniformly (spec §2.1).
+        chain_length: ``vsn``, the number of vertical steps (0: horizontal only).
+        scales: per-operator parameter overrides, e.g. ``{"gaussian": {"kappa": 0.3}}``.
+        permute: whether to draw a horizontal permutation (``False``: identity, vertical only).
+        pin: ``special`` keeps special-token ids fixed under ``pi`` (anchors for an attacker, but stop and
+            pad tokens need no mapping); ``none`` permutes every id.
+        noise_mode: only ``fixed`` (noise baked into the table, invertible). Fresh per-occurrence noise needs
+            client-side embedding (the SnD protocol) and is not part of shaking.
+    """
+
+    operators: tuple[str, ...] = ("gaussian",)
+    chain_length: int = 1
+    scales: dict[str, dict[str, float]] = field(default_factory=dict)
+    permute: bool = True
+    pin: str = "special"
+    noise_mode: str = "fixed"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "operators", tuple(self.operators))
+        for name in (*self.operators, *self.scales):
+            get_operator(name)  # raises on an unknown name
+        for name, params in self.scales.items():
+            get_operator(name).validate(dict(params))
+        if self.chain_length < 0:
+            raise ValueError(f"`chain_length={self.chain_length}` must be >= 0.")
+        if self.chain_length > 0 and not self.operators:
+            raise ValueError(f"`chain_length={self.chain_length}` needs a non-empty `operators` set.")
+        if self.pin not in _PINS:
+            raise ValueError(f"`pin={self.pin!r}` is not allowed; allowed: {', '.join(_PINS)}.")
+        if self.noise_mode != "fixed":
+            raise ValueError(
+                f"`noise_mode={self.noise_mode!r}` is not supported; allowed: 'fixed'. HINT: fresh per-occurrence "
+                "noise needs client-side embedding (Split-and-Denoise), which the cloud-embeds-ids protocol excludes."
+            )
+
+
+class ShakeKey:
+    """A shaking key: seed, vertical chain, permutation settings and the table it is bound to.
+
+    Build one with :meth:`generate`; save with :meth:`save` and load with :meth:`load`. Tensors are derived
+    lazily and cached: :attr:`perm` (``pi``), :attr:`inv_perm` (``pi^-1``) and :meth:`op_state`.
+    """
+
+    def __init__(
+        self,
+        *,
+        secret: str,
+        ops: Sequence[OpStep],
+        vocab_size: int,
+        dim: int,
+        stats: TableStats,
+        pinned: Iterable[int] = (),
+        pin: str = "special",
+        permute: bool = True,
+        noise_mode: str = "fixed",
+        version: int = KEY_VERSION,
+    ) -> None:
+        if version != KEY_VERSION:
+            raise ValueError(f"Shaking key `version={version}` is not supported; this privtune reads {KEY_VERSION}.")
+        if vocab_size < 2 or dim < 1:
+            raise ValueError(f"`vocab_size={vocab_size}` and `dim={dim}` must be >= 2 and >= 1.")
+        if pin not in _PINS:
+            raise ValueError(f"`pin={pin!r}` is not allowed; allowed: {', '.join(_PINS)}.")
+        self._secret = secret
+        self.ops = tuple(ops)
+        self.vocab_size = int(vocab_size)
+        self.dim = int(dim)
+        self.stats = stats
+        self.pinned = tuple(sorted({int(i) for i in pinned})) if pin == "special" else ()
+        bad = [i for i in self.pinned if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"Pinned ids {bad} are outside the vocabulary [0, {self.vocab_size}).")
+        self.pin = pin
+        self.permute = bool(permute)
+        self.noise_mode = noise_mode
+        self.version = version
+        self._perm: Tensor | None = None
+        self._inv: Tensor | None = None
+        self._states: dict[int, Tensor] = {}
+
+    # ------------------------------------------------------------------ generation and serialisation
+    @classmethod
+    def generate(
+        cls,
+        setting: KeySetting,
+        table: Tensor,
+        *,
+        pinned: Iterable[int] = (),
+        seed: int | str | None = None,
+    ) -> ShakeKey:
+        """Draw a key for the original input table ``table`` ``[V, d]`` (client side).
+
+        Args:
+            setting: the operator setting.
+            table: the original (public) input embedding; only its shape and scale statistics are kept.
+            pinned: special-token ids kept fixed when ``setting.pin == "special"``.
+            seed: the secret; ``None`` draws 128 bits from the OS (``secrets``). Pass one only in tests.
+        """
+        secret = f"{secrets.randbits(128):032x}" if seed is None else str(seed)
+        vocab_size, dim = table.shape
+        chooser = torch.Generator().manual_seed(_derive_seed(secret, "chain"))
+        ops = []
+        for _ in range(setting.chain_length):
+            name = setting.operators[int(torch.randint(len(setting.operators), (1,), generator=chooser))]
+            ops.append(OpStep(name, dict(setting.scales.get(name, {}))))
+        return cls(
+            secret=secret,
+            ops=ops,
+            vocab_size=vocab_size,
+            dim=dim,
+            stats=TableStats.of(table),
+            pinned=pinned,
+            pin=setting.pin,
+            permute=setting.permute,
+            noise_mode=setting.noise_mode,
+        )
+
+    def to_dict(self) -> dict:
+        """Plain serialisable form (holds the secret seed: client side only)."""
+        return {
+            "version": self.version,
+            "seed": self._secret,
+            "ops": [{"name": s.name, "params": dict(s.params)} for s in self.ops],
+            "vocab_size": self.vocab_size,
+            "dim": self.dim,
+            "stats": {"std": self.stats.std, "mean_row_norm": self.stats.mean_row_norm},
+            "pin": self.pin,
+            "pinned": list(self.pinned),
+            "permute": self.permute,
+            "noise_mode": self.noise_mode,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ShakeKey:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: for a missing field, an unknown operator or an unsupported version.
+        """
+        required = {"version", "seed", "ops", "vocab_size", "dim", "stats"}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"Not a shaking key: fields {missing} are missing.")
+        return cls(
+            secret=str(data["seed"]),
+            ops=[OpStep(op["name"], dict(op.get("params", {}))) for op in data["ops"]],
+            vocab_size=int(data["vocab_size"]),
+            dim=int(data["dim"]),
+            stats=TableStats(float(data["stats"]["std"]), float(data["stats"]["mean_row_norm"])),
+            pinned=data.get("pinned", ()),
+            pin=data.get("pin", "special"),
+            permute=bool(data.get("permute", True)),
+            noise_mode=data.get("noise_mode", "fixed"),
+            version=int(data["version"]),
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the key as JSON, readable by the owner only (mode 0600)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=1)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, vocab_size: int | None = None, dim: int | None = None) -> ShakeKey:
+        """Read a key file; when ``vocab_size``/``dim`` are given, check the key was made for that table.
+
+        Raises:
+            FileNotFoundError: if the file does not exist.
+            ValueError: if the file is not a key, or was made for another vocabulary size or width.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"`{path}` is not a shaking key file (not JSON: {err.msg}).") from None
+        key = cls.from_dict(data)
+        key.check_table(vocab_size, dim, source=str(path))
+        return key
+
+    def check_table(self, vocab_size: int | None, dim: int | None, *, source: str = "the key") -> None:
+        """Raise ``ValueError`` unless the key fits a ``[vocab_size, dim]`` table (``None`` skips a check)."""
+        if vocab_size is not None and vocab_size != self.vocab_size:
+            raise ValueError(
+                f"{source} was made for a vocabulary of {self.vocab_size} ids, but the model's embedding has "
+                f"{vocab_size} rows. HINT: generate a key for this model."
+            )
+        if dim is not None and dim != self.dim:
+            raise ValueError(f"{source} was made for embedding width {self.dim}, but the model's is {dim}.")
+
+    # ------------------------------------------------------------------ identity without the secret
+    def fingerprint(self) -> str:
+        """16 hex digits identifying the key (safe to log: a hash of the 128-bit secret and the config)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(b"privtune-shaking-key:" + blob).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        """Non-secret summary: chain structure, sizes, pin and fingerprint (no seed)."""
+        return {
+            "fingerprint": self.fingerprint(),
+            "ops": [s.name for s in self.ops],
+            "vocab_size": self.vocab_size,
+            "dim": self.dim,
+            "pin": self.pin,
+            "permute": self.permute,
+        }
+
+    def __repr__(self) -> str:
+        return f"ShakeKey({self.describe()})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ShakeKey) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint())
+
+    # ------------------------------------------------------------------ derived tensors
+    @property
+    def is_vertical(self) -> bool:
+        """Whether the key has a non-empty vertical chain."""
+        return bool(self.ops)
+
+    @property
+    def invertible(self) -> bool:
+        """Whether every vertical step can be undone exactly (all can with fixed noise)."""
+        return all(get_operator(s.name).invertible for s in self.ops)
+
+    @property
+    def perm(self) -> Tensor:
+        """``pi`` as a LongTensor ``[V]``: plain id ``t`` becomes shaken id ``pi[t]``; pinned ids map to themselves."""
+        if self._perm is None:
+            perm = torch.arange(self.vocab_size)
+            if self.permute:
+                pinned = torch.zeros(self.vocab_size, dtype=torch.bool)
+                pinned[list(self.pinned)] = True
+                free = torch.nonzero(~pinned).squeeze(1)  # ids that move
+                gen = torch.Generator().manual_seed(_derive_seed(self._secret, "perm"))
+                perm[free] = free[torch.randperm(free.numel(), generator=gen)]
+            self._perm = perm
+            self._inv = torch.empty_like(perm)
+            self._inv[perm] = torch.arange(self.vocab_size)
+        return self._perm
+
+    @property
+    def inv_perm(self) -> Tensor:
+        """``pi^-1`` as a LongTensor ``[V]``."""
+        _ = self.perm
+        assert self._inv is not None
+        return self._inv
+
+    def op_state(self, index: int) -> Tensor:
+        """The float64 key tensor of chain step ``index`` (regenerated from the seed, then cached)."""
+        if index not in self._states:
+            step = self.ops[index]
+            gen = torch.Generator().manual_seed(_derive_seed(self._secret, f"op{index}:{step.name}"))
+            op = get_operator(step.name)
+            self._states[index] = op.draw(gen, (self.vocab_size, self.dim), self.stats, step.params)
+        return self._states[index]
+
+    def clear_cache(self) -> None:
+        """Drop the cached tensors (operator noise can be ``V x d`` float64 per step)."""
+        self._states.clear()
+
+    # ------------------------------------------------------------------ client-side id mapping
+    def encode_ids(self, ids: Tensor) -> Tensor:
+        """Plain ids to shaken ids: ``pi[ids]``; negative ids (``-100`` ignore labels) are kept."""
+        perm = self.perm.to(ids.device)
+        return torch.where(ids >= 0, perm[ids.clamp_min(0)], ids)
+
+    def decode_ids(self, ids: Tensor) -> Tensor:
+        """Shaken ids to plain ids: ``pi^-1[ids]``; negative ids are kept."""
+        inv = self.inv_perm.to(ids.device)
+        return torch.where(ids >= 0, inv[ids.clamp_min(0)], ids)
+
+    def plain_logits(self, logits: Tensor) -> Tensor:
+        """Shaken-space logits ``[..., V]`` back to the plain vocabulary order: ``logits[..., pi]``."""
+        return logits.index_select(-1, self.perm.to(logits.device))
+
+
+def available_operators() -> list[str]:
+    """Names of the operators a :class:`KeySetting` may enable."""
+    return operator_names()
