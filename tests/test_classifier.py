@@ -108,8 +108,8 @@ class _Crash(pl.Callback):
             raise RuntimeError("simulated crash")  # the process dies here, mid-epoch
 
 
-@pytest.mark.parametrize("tuning", ["full", "lora"])
-def test_kill_and_resume_matches_uninterrupted_run(tuning, synthetic_csv, tmp_path) -> None:
+@pytest.mark.parametrize(("tuning", "crash_at"), [("full", 3), ("lora", 3), ("full", 5)])
+def test_kill_and_resume_matches_uninterrupted_run(tuning, crash_at, synthetic_csv, tmp_path) -> None:
     """A run stopped mid-epoch and resumed from its last checkpoint ends with the same weights and metrics."""
 
     def run(root, callbacks, ckpt_path=None):
@@ -132,8 +132,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tuning, synthetic_csv, tmp_pa
 
     reference, _ = run(tmp_path / "a", [])
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
-    with pytest.raises(RuntimeError, match="simulated crash"):  # 5 batches/epoch: step 3 is mid-epoch
-        run(tmp_path / "b", [ckpt, _Crash(at_step=3)])
+    with pytest.raises(RuntimeError, match="simulated crash"):  # 5 batches/epoch: 3 is mid-epoch, 5 at its end
+        run(tmp_path / "b", [ckpt, _Crash(at_step=crash_at)])
     resumed, trainer = run(tmp_path / "b", [], ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 8
     ref = dict(reference.named_parameters())

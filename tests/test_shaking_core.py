@@ -271,3 +271,28 @@ def test_core_imports_without_lightning():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.assets
+@pytest.mark.parametrize("untie", [False, True])
+def test_horizontal_shaking_is_lossless_on_smollm2(untie):
+    from privtune.models import load_tokenizer
+
+    model = load_model("smollm2-135m-instruct").eval()
+    tok = load_tokenizer("smollm2-135m-instruct")
+    if untie:
+        untie_lm_head(model)
+    key = ShakeKey.generate(KeySetting(chain_length=0), model.get_input_embeddings().weight, pinned=tok.all_special_ids)
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    with torch.no_grad():
+        ref = model(ids).logits
+        plain_gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        shake_model(model, key)
+        assert is_tied(model) != untie
+        assert torch.equal(key.plain_logits(model(key.encode_ids(ids)).logits), ref)
+        shaken_gen = model.generate(
+            key.encode_ids(ids), max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+        assert torch.equal(key.decode_ids(shaken_gen), plain_gen)
+        recover_model(model, key, "horizontal")
+        assert torch.equal(model(ids).logits, ref)
