@@ -33,6 +33,16 @@ from privtune.data.sampler import ResumableSampler
 from privtune.models import load_tokenizer
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableSampler` that Lightning saves in and restores from checkpoints."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
+
+
 def resume_position(sampler: ResumableSampler, trainer: pl.Trainer | None, batch_size: int) -> None:
     """Point ``sampler`` at the batch a restored fit loop will ask for next (mid-epoch resume).
 
@@ -170,7 +180,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         sampler = ResumableSampler(len(dataset), self.seed) if shuffle else None
         if sampler is not None:
             resume_position(sampler, self.trainer, self.batch_size)
-        return DataLoader(
+        return (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
             sampler=sampler,

@@ -144,7 +144,9 @@ def test_kill_and_resume_matches_uninterrupted_run(tuning, crash_at, synthetic_c
 @pytest.mark.assets
 def test_smollm2_lora_step_lowers_loss_on_a_fixed_batch() -> None:
     module = TextClassifier("smollm2-135m-instruct", tuning="lora", lr=1e-3)
-    data = TweetsSentiment(train_size=8, val_size=3, test_size=3, batch_size=8, max_length=32)
+    data = TweetsSentiment(
+        train_size=8, val_size=3, test_size=3, batch_size=8, max_length=32, tokenizer="smollm2-135m-instruct"
+    )
     data.setup("fit")
     module.label_token_ids = data.label_token_ids
     batch = next(iter(data.train_dataloader()))

@@ -185,3 +185,15 @@ def test_assets_are_found_without_importing_their_packages() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_resumable_sampler_positions_and_refuses_other_data() -> None:
+    from privtune.data.sampler import ResumableSampler
+
+    sampler = ResumableSampler(10, seed=1)
+    epoch0, epoch1 = list(sampler), list(sampler)
+    assert sorted(epoch0) == list(range(10)) and epoch0 != epoch1
+    sampler.set_position(1, 4)
+    assert list(sampler) == epoch1[4:]
+    with pytest.raises(ValueError, match="`seed=2` over 10 examples"):
+        sampler.load_state_dict({"seed": 2, "num_examples": 10})

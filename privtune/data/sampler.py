@@ -39,6 +39,23 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         self.epoch += 1  # the following iteration is the next epoch
         yield from order[skip:]
 
+    def state_dict(self) -> dict[str, int]:
+        """The sampler's identity; the position itself is set from the training loop's progress."""
+        return {"seed": self.seed, "num_examples": self.num_examples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Refuse to resume a run over different data or a different shuffle seed.
+
+        Raises:
+            ValueError: if the checkpoint was written with another seed or dataset size.
+        """
+        saved = (state.get("seed", self.seed), state.get("num_examples", self.num_examples))
+        if saved != (self.seed, self.num_examples):
+            raise ValueError(
+                f"The checkpoint was trained with `seed={saved[0]}` over {saved[1]} examples, but this run has "
+                f"`seed={self.seed}` over {self.num_examples}: resuming would not reproduce the run."
+            )
+
     def __len__(self) -> int:
         # The full epoch length, also while skipping: the training loop counts the skipped batches as done
         # (it restores its own progress), and a shorter length would shorten every later epoch too.
