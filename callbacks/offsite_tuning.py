@@ -52,8 +52,8 @@ class EmulatorExport(pl.Callback):
             is shipped (privtune's artifact rule; ScaleOT itself leaves the FFN as it is).
 
     Raises:
-        ValueError: for knobs outside their ranges (at construction), or, in ``setup``, for a ScaleOT
-            export that would ship original FFN matrices (``beta_mlp=1`` with ``alpha`` leaving kept layers).
+        ValueError: for knobs outside their ranges (at construction), or, in ``setup``, for an export that would
+            ship original middle matrices: a ScaleOT export with ``beta_mlp=1``, or an undistilled uniform drop.
     """
 
     def __init__(
@@ -82,6 +82,11 @@ class EmulatorExport(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if getattr(pl_module, "method", None) == "uniform_drop" and trainer.max_steps == 0:
+            raise ValueError(
+                "EmulatorExport: an undistilled uniform-drop emulator (`trainer.max_steps=0`) ships original middle "
+                "blocks and cannot be exported. HINT: distil it (`max_steps` > 0) or use `method: gradot`."
+            )
         if hasattr(pl_module, "harmonizers") and self.beta_mlp == 1.0:
             raise ValueError(
                 f"EmulatorExport: `beta_mlp=1.0` with `alpha={self.alpha}` ships the kept layers' original MLP "

@@ -112,6 +112,10 @@ def test_export_refuses_original_ffn_before_training(tiny_trainer) -> None:
     export = EmulatorExport("unused", adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=1.0)
     with pytest.raises(ValueError, match="beta_mlp=1.0"):
         tiny_trainer(max_epochs=1, callbacks=[_replace(), export]).fit(module, datamodule=FixedLM())
+    with pytest.raises(ValueError, match="undistilled uniform-drop"):
+        tiny_trainer(max_steps=0, callbacks=[EmulatorExport("unused")]).fit(
+            EmulatorDistillation("tiny-llama", 1, 1, emulator_layers=1), datamodule=FixedLM()
+        )
     with pytest.raises(ValueError, match="alpha=1.0"):
         EmulatorExport("unused", alpha=1.0)
     with pytest.raises(ValueError, match="num_candidates=1"):
