@@ -29,6 +29,7 @@ from typing_extensions import override
 
 from privtune.models import get_blocks, is_decoder, load_model, load_tokenizer, num_blocks, resolve_model
 from privtune.models.scoring import classification_logits
+from privtune.modules.optim import build_optimizer
 
 Tuning = Literal["full", "lora", "prompt", "blocks", "none"]
 
@@ -235,12 +236,7 @@ class TextClassifier(pl.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"`tuning={self.tuning!r}` leaves nothing to train; use `validate`/`test` for zero-shot.")
-        if self.optimizer_factory is None:
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        optimizer = self.optimizer_factory(params)
-        for group in optimizer.param_groups:
-            group["lr"] = self.lr
-        return optimizer
+        return build_optimizer(params, self.optimizer_factory, self.lr, self.weight_decay)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from privtune.emulator import (
     uniform_drop_plan,
 )
 from privtune.models import load_model, load_tokenizer, num_blocks, resolve_model
+from privtune.modules.optim import build_optimizer
 
 Method = Literal["uniform_drop", "gradot"]
 
@@ -161,12 +162,7 @@ class EmulatorDistillation(pl.LightningModule):
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.emulator.parameters() if p.requires_grad]
-        if self.optimizer_factory is None:
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        optimizer = self.optimizer_factory(params)
-        for group in optimizer.param_groups:
-            group["lr"] = self.lr
-        return optimizer
+        return build_optimizer(params, self.optimizer_factory, self.lr, self.weight_decay)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ from privtune.emulator import (
 )
 from privtune.models import get_blocks, is_decoder, load_model, load_tokenizer, num_blocks, resolve_model, unwrap
 from privtune.models.scoring import classification_logits
+from privtune.modules.optim import build_optimizer
 
 AdapterTuning = Literal["full", "lora", "none"]
 
@@ -195,12 +196,7 @@ class OffsiteFinetune(pl.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("`tuning='none'` trains nothing; use `validate`/`test` for the emulator zero-shot.")
-        if self.optimizer_factory is None:
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        optimizer = self.optimizer_factory(params)
-        for group in optimizer.param_groups:
-            group["lr"] = self.lr
-        return optimizer
+        return build_optimizer(params, self.optimizer_factory, self.lr, self.weight_decay)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from privtune.emulator import lm_loss
 from privtune.models import load_model, load_tokenizer, resolve_model
+from privtune.modules.optim import build_optimizer
 
 
 class HarmonizerImportance(pl.LightningModule):
@@ -82,12 +83,7 @@ class HarmonizerImportance(pl.LightningModule):
                 "HarmonizerImportance has no harmonizer to train: add the LayerReplace callback "
                 "(privtune.callbacks.layer_replace.LayerReplace) to `trainer.callbacks`."
             )
-        if self.optimizer_factory is None:
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        optimizer = self.optimizer_factory(params)
-        for group in optimizer.param_groups:
-            group["lr"] = self.lr
-        return optimizer
+        return build_optimizer(params, self.optimizer_factory, self.lr, self.weight_decay)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from privtune.models import get_blocks, load_model, load_tokenizer, resolve_model
+from privtune.modules.optim import build_optimizer
 from privtune.shaking.key import ShakeKey
 from privtune.shaking.recovery import awareness_loss, freeze_representation, function_loss
 
@@ -172,12 +173,7 @@ class ShakeRecovery(pl.LightningModule):
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.optimizer_factory is None:
-            return torch.optim.AdamW(params, lr=self.lr)
-        optimizer = self.optimizer_factory(params)
-        for group in optimizer.param_groups:
-            group["lr"] = self.lr
-        return optimizer
+        return build_optimizer(params, self.optimizer_factory, self.lr)
 
     def implanted_model(self) -> torch.nn.Module:
         """The shaken, implanted Hugging Face model (LoRA merged into a copy when ``lora_all``)."""
