@@ -121,6 +121,27 @@ class _FederatedMixin:
             },
         )
 
+    # Strategy hooks shared by both placements; `super()` resolves to the Strategy class in each MRO.
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)  # type: ignore[misc]
+        self._setup_federated(trainer)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self.federated_training_step()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        self._add_state(checkpoint)
+        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)  # type: ignore[misc]
+        self._take_state(checkpoint)
+        return checkpoint
+
+    def on_train_end(self) -> None:
+        super().on_train_end()  # type: ignore[misc]
+        self.write_report()
+
 
 class FederatedSimulation(_FederatedMixin, SingleDeviceStrategy):
     """Every sampled client trains in turn in this process.
@@ -137,31 +158,6 @@ class FederatedSimulation(_FederatedMixin, SingleDeviceStrategy):
     def __init__(self, federated: FederatedConfig | None = None, device: str = "cpu") -> None:
         super().__init__(device=torch.device(device))
         self._init_federated(federated)
-
-    @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        super().setup(trainer)
-        self._setup_federated(trainer)
-
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self.federated_training_step()
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        self._add_state(checkpoint)
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
-        self._take_state(checkpoint)
-        return checkpoint
-
-    @override
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        self.write_report()
 
 
 class FederatedDDP(_FederatedMixin, DDPStrategy):
@@ -189,31 +185,6 @@ class FederatedDDP(_FederatedMixin, DDPStrategy):
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
-
-    @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        super().setup(trainer)
-        self._setup_federated(trainer)
-
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self.federated_training_step()
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        self._add_state(checkpoint)
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
-        self._take_state(checkpoint)
-        return checkpoint
-
-    @override
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        self.write_report()
 
 
 def final_prompt(strategy: _FederatedMixin) -> dict[str, Any]:
