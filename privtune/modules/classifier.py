@@ -29,7 +29,7 @@ from typing_extensions import override
 
 from privtune.models import get_blocks, is_decoder, load_model, load_tokenizer, num_blocks, resolve_model
 from privtune.models.scoring import classification_logits
-from privtune.modules.optim import build_optimizer
+from privtune.modules.optim import build_optimizer, keep_trainable_tensors
 
 Tuning = Literal["full", "lora", "prompt", "blocks", "none"]
 
@@ -241,8 +241,7 @@ class TextClassifier(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.checkpoint_trainable_only and self.tuning != "full":
-            keep = {name for name, p in self.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+            keep_trainable_tensors(self, checkpoint)
             self.strict_loading = False  # the frozen rest comes from `model` when the module is rebuilt
 
     @override

@@ -38,7 +38,7 @@ from privtune.emulator import (
 )
 from privtune.models import get_blocks, is_decoder, load_model, load_tokenizer, num_blocks, resolve_model, unwrap
 from privtune.models.scoring import classification_logits
-from privtune.modules.optim import build_optimizer
+from privtune.modules.optim import build_optimizer, keep_trainable_tensors
 
 AdapterTuning = Literal["full", "lora", "none"]
 
@@ -200,8 +200,7 @@ class OffsiteFinetune(pl.LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        keep_trainable_tensors(self, checkpoint)
         self.strict_loading = False
 
     @override

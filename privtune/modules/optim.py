@@ -1,4 +1,4 @@
-"""The one way every privtune LightningModule builds its optimizer from YAML."""
+"""How every privtune LightningModule builds its optimizer and writes trainable-only checkpoints."""
 
 from __future__ import annotations
 
@@ -27,3 +27,14 @@ def build_optimizer(
     for group in optimizer.param_groups:
         group["lr"] = lr
     return optimizer
+
+
+def keep_trainable_tensors(module: torch.nn.Module, checkpoint: dict) -> None:
+    """Drop every frozen tensor from ``checkpoint["state_dict"]`` (in place).
+
+    The frozen rest of the model is rebuilt from its name or folder when the module is built again, so a
+    LoRA, prompt or adapter checkpoint holds only what training changed. Modules that use this set
+    ``strict_loading = False`` so the partial state dict loads.
+    """
+    keep = {name for name, p in module.named_parameters() if p.requires_grad}
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}

@@ -31,7 +31,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from privtune.models import get_blocks, load_model, load_tokenizer, resolve_model
-from privtune.modules.optim import build_optimizer
+from privtune.modules.optim import build_optimizer, keep_trainable_tensors
 from privtune.shaking.key import ShakeKey
 from privtune.shaking.recovery import awareness_loss, freeze_representation, function_loss
 
@@ -191,8 +191,7 @@ class ShakeRecovery(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only the trained tensors: the frozen rest is the (re-shaken) public model.
-        keep = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        keep_trainable_tensors(self, checkpoint)
         self.strict_loading = False
 
     @override

@@ -112,15 +112,8 @@ class Operator:
         raise NotImplementedError
 
 
-class AddV(Operator):
-    """``addv``: add one random vector ``v`` to every row (a shared shift)."""
-
-    name = "addv"
-    params: ClassVar[dict[str, float]] = {"kappa": 1.0}
-
-    @classmethod
-    def draw(cls, gen, shape, stats, params):  # noqa: D102
-        return torch.randn(shape[1], generator=gen, dtype=torch.float64) * (params["kappa"] * stats.std)  # [d]
+class _Additive(Operator):
+    """An operator that adds its drawn state to the table and subtracts it to invert."""
 
     @classmethod
     def apply(cls, table, state):  # noqa: D102
@@ -129,6 +122,17 @@ class AddV(Operator):
     @classmethod
     def invert(cls, table, state):  # noqa: D102
         return table - state
+
+
+class AddV(_Additive):
+    """``addv``: add one random vector ``v`` to every row (a shared shift)."""
+
+    name = "addv"
+    params: ClassVar[dict[str, float]] = {"kappa": 1.0}
+
+    @classmethod
+    def draw(cls, gen, shape, stats, params):  # noqa: D102
+        return torch.randn(shape[1], generator=gen, dtype=torch.float64) * (params["kappa"] * stats.std)  # [d]
 
 
 class Inflate(Operator):
@@ -187,18 +191,10 @@ class Tilt(Operator):
         return torch.linalg.solve(state.T, table.T).T
 
 
-class _RowNoise(Operator):
+class _RowNoise(_Additive):
     """Additive noise ``z_t`` drawn once per vocabulary row (fixed perturbation) and subtracted to invert."""
 
     params: ClassVar[dict[str, float]] = {"kappa": 0.5}
-
-    @classmethod
-    def apply(cls, table, state):  # noqa: D102
-        return table + state
-
-    @classmethod
-    def invert(cls, table, state):  # noqa: D102
-        return table - state
 
 
 class Gaussian(_RowNoise):
