@@ -29,35 +29,8 @@ from privtune.data import (
     read_tweets,
     stratified_split,
 )
-from privtune.data.sampler import ResumableSampler
+from privtune.datamodules.resumable import resumable_train_loader
 from privtune.models import load_tokenizer
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader over a :class:`ResumableSampler` that Lightning saves in and restores from checkpoints."""
-
-    def state_dict(self) -> dict[str, int]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.load_state_dict(state)
-
-
-def resume_position(sampler: ResumableSampler, trainer: pl.Trainer | None, batch_size: int) -> None:
-    """Point ``sampler`` at the batch a restored fit loop will ask for next (mid-epoch resume).
-
-    On a fresh run the loop's progress is zero and the sampler starts epoch 0 at its first example. A
-    checkpoint written in ``on_train_batch_end`` counts the batch in ``processed`` but not yet in
-    ``completed``, so ``processed`` is the number of batches already trained on in the epoch.
-    """
-    if trainer is None:
-        return
-    loop = trainer.fit_loop
-    epoch = loop.epoch_progress.current.completed
-    skip = loop.epoch_loop.batch_progress.current.processed * batch_size
-    if skip >= sampler.num_examples:  # saved after the epoch's last batch: resume at the next epoch
-        epoch, skip = epoch + 1, 0
-    sampler.set_position(epoch, skip)
 
 
 def _check_size(name: str, value: int | float) -> None:
@@ -177,16 +150,10 @@ class TextClassificationDataModule(pl.LightningDataModule):
         if split not in self._encoded:
             raise RuntimeError(f"Call `setup()` before asking for the {split} dataloader.")
         dataset = self._encoded[split]
-        sampler = ResumableSampler(len(dataset), self.seed) if shuffle else None
-        if sampler is not None:
-            resume_position(sampler, self.trainer, self.batch_size)
-        return (ResumableDataLoader if shuffle else DataLoader)(
-            dataset,
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            sampler=sampler,
-            collate_fn=self._collate,
-            num_workers=self.num_workers,
-        )
+        extra = {"collate_fn": self._collate, "num_workers": self.num_workers}
+        if shuffle:
+            return resumable_train_loader(dataset, self.batch_size, self.seed, self.trainer, **extra)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, **extra)
 
     @override
     def train_dataloader(self) -> DataLoader:

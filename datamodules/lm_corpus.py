@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from privtune.data import EncodedBlocks, PadCollator, encode_lm_blocks, read_bbc_news, read_tweets
+from privtune.data import EncodedBlocks, PadCollator, encode_lm_blocks, read_bbc_news, read_texts, read_tweets
+from privtune.datamodules.resumable import resumable_train_loader
 from privtune.models import load_tokenizer
 
 _SOURCES = ("bbc_news", "tweets")
@@ -74,22 +75,7 @@ class LMCorpus(pl.LightningDataModule):
             return read_bbc_news().texts
         if self.source == "tweets":
             return read_tweets().texts
-        # A user file: only the text column matters; a constant label column is not required.
-        import csv
-        import json
-        from pathlib import Path
-
-        path = Path(self.source).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"`source={self.source!r}` does not exist.")
-        if path.suffix in {".jsonl", ".json"}:
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        else:
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-        if rows and self.text_column not in rows[0]:
-            raise ValueError(f"`text_column={self.text_column!r}` is not a column of {path.name}: {sorted(rows[0])}.")
-        return [str(r[self.text_column]) for r in rows]
+        return read_texts(self.source, self.text_column)  # a user file: only the text column matters
 
     @override
     def setup(self, stage: str | None = None) -> None:
@@ -111,13 +97,10 @@ class LMCorpus(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return DataLoader(
-            EncodedBlocks(self.blocks[split]),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            collate_fn=PadCollator(pad),
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+        dataset, collate = EncodedBlocks(self.blocks[split]), PadCollator(pad)
+        if shuffle:
+            return resumable_train_loader(dataset, self.batch_size, self.seed, self.trainer, collate_fn=collate)
+        return DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate)
 
     @override
     def train_dataloader(self) -> DataLoader:

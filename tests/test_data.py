@@ -197,3 +197,19 @@ def test_resumable_sampler_positions_and_refuses_other_data() -> None:
     assert list(sampler) == epoch1[4:]
     with pytest.raises(ValueError, match="`seed=2` over 10 examples"):
         sampler.load_state_dict({"seed": 2, "num_examples": 10})
+
+
+def test_lm_corpus_reads_a_user_file_with_a_resumable_training_loader(tmp_path) -> None:
+    from privtune.datamodules.resumable import ResumableDataLoader
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"body": f"good film and bad show {i} " * 8}) + "\n" for i in range(20)))
+    dm = LMCorpus(str(path), text_column="body", block_size=16, tokenizer="tiny-llama", batch_size=2)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader, ResumableDataLoader)
+    assert next(iter(loader))["input_ids"].shape == (2, 16)
+    with pytest.raises(
+        ValueError, match=r"`text_column='text'` is not a column of corpus.jsonl; columns found: \['body'\]"
+    ):
+        LMCorpus(str(path), block_size=16, tokenizer="tiny-llama").setup("fit")

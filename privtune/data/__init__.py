@@ -8,7 +8,7 @@ from privtune.data.encoding import (
     encode_lm_blocks,
     label_token_ids,
 )
-from privtune.data.sources import TextDataset, read_bbc_news, read_table, read_tweets
+from privtune.data.sources import TextDataset, read_bbc_news, read_table, read_texts, read_tweets
 from privtune.data.splits import stratified_split
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "label_token_ids",
     "read_bbc_news",
     "read_table",
+    "read_texts",
     "read_tweets",
     "stratified_split",
 ]

@@ -77,19 +77,13 @@ def read_bbc_news() -> TextDataset:
     return _index_labels(texts, names, classes, "bbc_news")
 
 
-def read_table(
-    path: str | Path,
-    text_column: str = "text",
-    label_column: str = "label",
-    label_names: Sequence[str] | None = None,
-    encoding: str = "utf-8",
-) -> TextDataset:
-    """A user's CSV (``.csv``/``.tsv``) or JSON-lines (``.jsonl``/``.json``) file with a text and a label column.
+def _read_rows(path: str | Path, columns_needed: dict[str, str], encoding: str) -> tuple[Path, list[dict]]:
+    """Rows of a CSV / TSV / JSON-lines file, after checking it exists and has the needed columns.
 
-    Raises:
-        FileNotFoundError: if ``path`` does not exist.
-        ValueError: if a column is missing (the message lists the columns found), the format is unknown,
-            or a row has an empty text or label.
+    Args:
+        path: the file.
+        columns_needed: argument name -> column name, for the error message.
+        encoding: file encoding.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -106,9 +100,38 @@ def read_table(
         columns = sorted({key for row in rows for key in row})
     else:
         raise ValueError(f"`path={str(path)!r}` has an unknown format {suffix!r}; allowed: .csv, .tsv, .jsonl, .json.")
-    for arg, column in (("text_column", text_column), ("label_column", label_column)):
+    for arg, column in columns_needed.items():
         if column not in columns:
             raise ValueError(f"`{arg}={column!r}` is not a column of {path.name}; columns found: {columns}.")
+    return path, rows
+
+
+def read_texts(path: str | Path, text_column: str = "text", encoding: str = "utf-8") -> list[str]:
+    """The non-empty texts of one column of a user's CSV / TSV / JSON-lines file (an LM corpus).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the column is missing or the format is unknown.
+    """
+    _, rows = _read_rows(path, {"text_column": text_column}, encoding)
+    return [text for row in rows if (text := str(row.get(text_column) or ""))]
+
+
+def read_table(
+    path: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_names: Sequence[str] | None = None,
+    encoding: str = "utf-8",
+) -> TextDataset:
+    """A user's CSV (``.csv``/``.tsv``) or JSON-lines (``.jsonl``/``.json``) file with a text and a label column.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if a column is missing (the message lists the columns found), the format is unknown,
+            or a row has an empty text or label.
+    """
+    path, rows = _read_rows(path, {"text_column": text_column, "label_column": label_column}, encoding)
     texts = [str(row.get(text_column) or "") for row in rows]
     names = [str(row.get(label_column) if row.get(label_column) is not None else "") for row in rows]
     empty = [i for i, (t, n) in enumerate(zip(texts, names)) if not t or not n]
