@@ -34,12 +34,22 @@ def test_fedpeptao_round_loop_accounting_and_report(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("server", [s for s in SERVERS if s != "fedpeptao"])
 def test_every_baseline_runs_on_an_encoder(tmp_path: Path, server: str) -> None:
-    _, strategy = run(tmp_path, model="tiny-bert", server=server, num_rounds=2, client_lr=0.04)
+    # the trained linear head is federated with the prefix
+    _, strategy = run(tmp_path, model="tiny-bert", encoder_head="linear", server=server, num_rounds=2, client_lr=0.04)
     runner = strategy.runner
     assert runner.round == 2
     assert set(runner.global_state) == {"prefix", "head.weight", "head.bias"}
     factor = 2 if server == "scaffold" else 1
     assert runner.ledger.rounds[0].num_transfer_params == factor * runner.elements_per_client()
+
+
+def test_label_name_head_sends_the_prefix_slices_only(tmp_path: Path) -> None:
+    _, strategy = run(tmp_path, model="tiny-bert", layers="fedpeptao", num_selected_layers=1, num_rounds=2)
+    runner = strategy.runner
+    assert set(runner.global_state) == {"prefix"}
+    # spec §11: P * |sel| * 2 * H_kv elements per client and direction (tiny-bert: P = 2, H_kv = 32)
+    prefix = runner.global_state["prefix"]
+    assert runner.elements_per_client() == prefix.numel() == 2 * 1 * 2 * prefix.shape[-1]
 
 
 def test_dropout_and_stragglers(tmp_path: Path) -> None:

@@ -6,13 +6,22 @@ backbone frozen:
 * decoders (Llama, GPT-2, OPT families: SmolLM2) use candidate scoring of single-token label words at the last
   real token: the loss is the full-vocabulary cross-entropy of the label word (MetaICL "direct", spec §3); the
   prediction is the argmax over the label words only;
-* encoders (BERT family: MiniLM, which has no MLM head) use the sequence-classification head; the fresh head is
-  trained with the prefix and federated with it (it is small: ``C * (d + 1)`` values).
+* encoders (BERT family: MiniLM, which has no MLM head) have two heads (``encoder_head``):
+
+  - ``label_names`` (default): the encoder analogue of the code's frozen MLM verbalizer. Each class is the
+    normalised mean-pooled embedding of its label name (``"business"``, ``"sports"``, ...) computed once by the
+    frozen model without a prefix; a text's score is ``scale * cos(mean_pool(h), e_c)``. Nothing but the prefix
+    trains, so the communicated bytes are ``4 P |sel| 2 H_kv`` per client and direction, as in spec §11. Mean
+    pooling plus cosine is how sentence encoders such as all-MiniLM-L6-v2 were trained, so it is also a zero-shot
+    classifier before any tuning. ``scale = 20`` is the sentence-transformers contrastive scale (temperature 0.05).
+  - ``linear``: the sequence-classification head, fresh, trained with the prefix and federated with it
+    (``C * (d + 1)`` values more per client and direction).
 
 The module trains like any LightningModule (centralised prompt tuning) and exposes the pieces the federated
 Strategy drives per client: :meth:`client_parameters`, :meth:`client_loss`, :meth:`predict`.
 
-Threat model: as a module, none; under the federated Strategy only the prompt (slices) and the head leave a client.
+Threat model: as a module, none; under the federated Strategy only the prompt (slices), and the ``linear`` head if
+one is trained, leave a client.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from privtune.models import get_lm_head, is_decoder, load_model, load_tokenizer,
 from privtune.models.scoring import last_token_index
 from privtune.prompts import DeepPrefixPrompt, freeze_backbone
 
+ENCODER_HEADS = ("label_names", "linear")
+
 
 class PromptTuning(pl.LightningModule):
     """A frozen model with a deep prefix prompt, for classification.
@@ -40,13 +51,16 @@ class PromptTuning(pl.LightningModule):
         prefix_dropout: dropout on the prefix at forward time (0.1 in P-tuning v2).
         init_std: standard deviation of the prefix initialisation.
         num_labels: classes of an encoder's head (decoders score label words and ignore it).
+        encoder_head: ``label_names`` (frozen label-name embeddings, cosine scores) or ``linear`` (a trained
+            classification head); encoders only.
+        label_scale: the cosine scale of the ``label_names`` head.
         lr: learning rate for centralised training (the federated Strategy uses its client settings).
         weight_decay: AdamW weight decay for centralised training.
         seed: seeds the prefix and head initialisation (every client starts from the same prompt).
 
     Raises:
-        ValueError: for an unknown model, ``num_virtual_tokens < 1``, ``lr <= 0`` or an encoder without
-            ``num_labels``, before any weight is loaded.
+        ValueError: for an unknown model, ``num_virtual_tokens < 1``, ``lr <= 0``, an unknown ``encoder_head``,
+            ``label_scale <= 0`` or an encoder without ``num_labels``, before any weight is loaded.
     """
 
     def __init__(
@@ -56,6 +70,8 @@ class PromptTuning(pl.LightningModule):
         prefix_dropout: float = 0.1,
         init_std: float = 0.02,
         num_labels: int | None = None,
+        encoder_head: str = "label_names",
+        label_scale: float = 20.0,
         lr: float = 0.04,
         weight_decay: float = 0.1,
         seed: int = 0,
@@ -66,6 +82,10 @@ class PromptTuning(pl.LightningModule):
             errors.append(f"`num_virtual_tokens={num_virtual_tokens}` must be >= 1.")
         if not lr > 0:
             errors.append(f"`lr={lr}` must be > 0.")
+        if encoder_head not in ENCODER_HEADS:
+            errors.append(f"`encoder_head={encoder_head!r}` must be one of {ENCODER_HEADS}.")
+        if not label_scale > 0:
+            errors.append(f"`label_scale={label_scale}` must be > 0.")
         if errors:
             raise ValueError(" ".join(errors))
         resolve_model(model)
@@ -84,9 +104,11 @@ class PromptTuning(pl.LightningModule):
             self.model, num_virtual_tokens=num_virtual_tokens, dropout=prefix_dropout, init_std=init_std, seed=seed
         )
         self.head: nn.Module | None = None
-        if not self.decoder:
+        if not self.decoder and encoder_head == "linear":
             self.head = self.model.classifier
             self.head.requires_grad_(True)
+        # [C, d] normalised label-name embeddings of the `label_names` head (set by `configure_labels`)
+        self.register_buffer("label_embeddings", None, persistent=False)
         self.lr, self.weight_decay = lr, weight_decay
         self.label_token_ids: Tensor | None = None
         self.num_classes: int | None = num_labels
@@ -96,13 +118,20 @@ class PromptTuning(pl.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None:
-            self.configure_labels(getattr(datamodule, "label_token_ids", None), getattr(datamodule, "num_classes", 0))
+            self.configure_labels(
+                getattr(datamodule, "label_token_ids", None),
+                getattr(datamodule, "num_classes", 0),
+                getattr(datamodule, "label_names", None),
+            )
 
-    def configure_labels(self, label_token_ids: Tensor | None, num_classes: int) -> None:
-        """Take the verbalizer (decoders) and the class count from the data.
+    def configure_labels(
+        self, label_token_ids: Tensor | None, num_classes: int, label_names: list[str] | None = None
+    ) -> None:
+        """Take the verbalizer (decoders), the class count and the label names (``label_names`` head) from the data.
 
         Raises:
-            ValueError: if a decoder gets no label words or an encoder's head size disagrees with the data.
+            ValueError: if a decoder gets no label words, an encoder's head size disagrees with the data, or the
+                ``label_names`` head gets no names.
         """
         if self.decoder:
             if label_token_ids is None:
@@ -114,6 +143,21 @@ class PromptTuning(pl.LightningModule):
         elif self.num_classes is not None and num_classes and num_classes != self.num_classes:
             raise ValueError(f"`num_labels={self.num_classes}` but the datamodule has {num_classes} classes.")
         self.num_classes = num_classes or self.num_classes
+        if not self.decoder and self.head is None:
+            if not label_names:
+                raise ValueError(
+                    "`encoder_head='label_names'` scores texts against the class names: the datamodule has no "
+                    "`label_names`; use `encoder_head='linear'`."
+                )
+            self.label_embeddings = self._embed_label_names(label_names)
+
+    @torch.no_grad()
+    def _embed_label_names(self, names: list[str]) -> Tensor:
+        """``[C, d]``: each name's mean-pooled, normalised last hidden state, frozen model, no prefix."""
+        enc = self.tokenizer([n.replace("_", " ") for n in names], padding=True, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        hidden = self.model.base_model(**enc).last_hidden_state
+        return F.normalize(_mean_pool(hidden, enc["attention_mask"]), dim=-1)
 
     # ------------------------------------------------------------------ what a client trains and sends
     def client_parameters(self) -> dict[str, nn.Parameter]:
@@ -143,9 +187,9 @@ class PromptTuning(pl.LightningModule):
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Class scores ``[B, C]``."""
-        out = self._run(batch)
+        out = self._run(batch, output_hidden_states=self.head is None)
         if not self.decoder:
-            return out.logits
+            return self._encoder_scores(out, batch["attention_mask"])
         last = self._decoder_last_hidden(out, batch["attention_mask"])
         head = get_lm_head(self.model)
         ids = self._label_ids(last.device)
@@ -156,12 +200,21 @@ class PromptTuning(pl.LightningModule):
 
     def client_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """Training loss: full-vocabulary CE of the label word (decoders), CE of the head (encoders)."""
-        out = self._run(batch)
+        out = self._run(batch, output_hidden_states=self.head is None)
         if not self.decoder:
-            return F.cross_entropy(out.logits.float(), batch["labels"])
+            return F.cross_entropy(self._encoder_scores(out, batch["attention_mask"]).float(), batch["labels"])
         last = self._decoder_last_hidden(out, batch["attention_mask"])
         logits = get_lm_head(self.model)(last).float()  # [B, V] at one position
         return F.cross_entropy(logits, self._label_ids(last.device)[batch["labels"]])
+
+    def _encoder_scores(self, out: Any, mask: Tensor) -> Tensor:
+        """``[B, C]``: the linear head's logits, or scaled cosines to the label-name embeddings."""
+        if self.head is not None:
+            return out.logits
+        if self.label_embeddings is None:
+            raise RuntimeError("call `configure_labels` (or fit with a datamodule) before running the encoder.")
+        pooled = F.normalize(_mean_pool(out.hidden_states[-1], mask), dim=-1)  # [B, d]; real tokens only
+        return self.hparams.label_scale * pooled @ self.label_embeddings.to(pooled.dtype).T
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Tensor]) -> Tensor:
@@ -210,3 +263,9 @@ class PromptTuning(pl.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.strict_loading = False
+
+
+def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """``[B, T, d]`` states, ``[B, T]`` mask -> ``[B, d]`` mean over the real tokens (sentence-transformers pooling)."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)

@@ -97,7 +97,7 @@ class FederatedRunner:
             raise ValueError(
                 f"`num_selected_layers={cfg.num_selected_layers}` exceeds the model's {num_layers} prompt layers."
             )
-        module.configure_labels(datamodule.label_token_ids, datamodule.num_classes)
+        module.configure_labels(datamodule.label_token_ids, datamodule.num_classes, datamodule.label_names)
         if self._restored is not None:
             self.load_state_dict(self._restored)
             self._restored = None

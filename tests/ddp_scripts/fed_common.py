@@ -65,14 +65,20 @@ def make_trainer(strategy: pl.strategies.Strategy, tmp: Path, devices: int = 1) 
 
 
 def run(
-    tmp: Path, model: str = "tiny-llama", ddp: bool = False, devices: int = 1, strategy_cls: Any = None, **fed: Any
+    tmp: Path,
+    model: str = "tiny-llama",
+    ddp: bool = False,
+    devices: int = 1,
+    strategy_cls: Any = None,
+    encoder_head: str = "label_names",
+    **fed: Any,
 ) -> tuple[pl.Trainer, Any]:
     csv_path = write_csv(tmp / "data.csv")
     num_clients = fed.pop("num_clients", 6)
     config = FederatedConfig(**{"num_rounds": 3, "sample_fraction": 0.5, "local_max_steps": 2, **fed})
     cls = strategy_cls or (FederatedDDP if ddp else FederatedSimulation)
     strategy = cls(federated=config, process_group_backend="gloo") if ddp else cls(federated=config)
-    kwargs = {"num_labels": 2} if model == "tiny-bert" else {}
+    kwargs = {"num_labels": 2, "encoder_head": encoder_head} if model == "tiny-bert" else {}
     module = PromptTuning(model=model, num_virtual_tokens=2, seed=0, **kwargs)
     data = make_data(csv_path, num_clients=num_clients)
     trainer = make_trainer(strategy, tmp, devices)
