@@ -48,8 +48,12 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=None, help="accuracy for 'rounds to target'")
     parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, help="method labels (see METHODS)")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs' report.json")
-    parser.add_argument("--extra", nargs="*", default=[], help="more train.py overrides, e.g. --trainer.x=1")
-    args = parser.parse_args()
+    # any other argument (``--trainer.x=1``, ``--data.init_args.y=2``) is passed on to every train.py run
+    args, extra = parser.parse_known_args()
+    bad = [a for a in extra if not a.startswith(("--trainer.", "--model.", "--data.", "--seed_everything"))]
+    if bad:
+        hint = "train.py overrides start with --trainer., --model. or --data."
+        parser.error(f"unrecognized arguments: {' '.join(bad)} ({hint})")
 
     from privtune.federated.report import write_comparison
     from train import main as train_main
@@ -72,7 +76,7 @@ def main() -> None:
             f"{fed}report_dir={run_dir}",
             f"--trainer.default_root_dir={run_dir}",
             f"--data.init_args.partition_dir={run_dir}",
-            *args.extra,
+            *extra,
         ]
         start = time.perf_counter()
         train_main(["fit", "--config", args.config, *overrides])

@@ -95,11 +95,16 @@ class _FederatedMixin:
             self.runner.restore_later(checkpoint[CHECKPOINT_KEY])
 
     def write_report(self) -> None:
-        """JSON + Markdown report and an accuracy-per-round plot in ``report_dir`` (rank 0)."""
+        """JSON + Markdown report, an accuracy-per-round plot and the global prompt in ``report_dir`` (rank 0).
+
+        ``global_prompt.pt`` holds the communicated tensors (the selected prefix slices ``[P, |sel|, 2, H_kv]``
+        and any federated head) as a ``dict[str, Tensor]``; clients' personalised slices stay in the checkpoint.
+        """
         from privtune.federated.report import write_run_report
 
         out = self.federated.report_dir
-        if out is None or self._rank_world()[0] != 0:
+        rank, world = self._rank_world()
+        if out is None or rank != 0:
             return
         run = self.runner
         prefix = {"prefix": list(run.global_state["prefix"].shape)} if run.global_state else {}
@@ -107,6 +112,8 @@ class _FederatedMixin:
             Path(out),
             {
                 "server": self.federated.server,
+                "strategy": type(self).__name__,
+                "world_size": world,
                 "config": dict(vars(self.federated)),
                 "fedpeptao_options": vars(self.federated.options()),
                 "server_optimizer": run.server.describe() if run.server is not None else {},
@@ -120,6 +127,7 @@ class _FederatedMixin:
                 "peak_client_state_bytes": run.store.nbytes() if run.store is not None else 0,
             },
         )
+        torch.save({k: v.detach().cpu() for k, v in run.global_state.items()}, Path(out) / "global_prompt.pt")
 
     # Strategy hooks shared by both placements; `super()` resolves to the Strategy class in each MRO.
     def setup(self, trainer: pl.Trainer) -> None:
