@@ -33,6 +33,7 @@ from privtune.emulator import (
     make_harmonizers,
     rl_step,
     set_replace_mask,
+    warm_start_harmonizers,
 )
 from privtune.emulator.harmonizer import LayerSwitch
 from privtune.models import get_blocks, unwrap
@@ -53,10 +54,16 @@ class LayerReplace(pl.Callback):
         seed: seed of the harmonizer init and of the mask sampler.
         model_attr: attribute of the LightningModule holding the Hugging Face model.
         log_scores: log every score each step (``importance/s_<i>``).
+        warm_start_batches: before the first step, fit each fresh harmonizer to its own block on this many
+            training batches (:func:`~privtune.emulator.warm_start_harmonizers`; 0 = off, the paper's identity
+            start). Skipped when resuming, since the harmonizers come from the checkpoint.
+        warm_start_steps: Adam steps per warm-start batch.
+        warm_start_lr: Adam learning rate of the warm start.
 
     Raises:
         ValueError: for ``num_candidates < 2``, ``group_size < 1``, ``rl_lr <= 0``, ``val_alpha`` outside
-            ``[0, 1)`` or ``harmonizer_rank < 1``; in ``setup``, for candidates outside the middle.
+            ``[0, 1)``, ``harmonizer_rank < 1`` or a bad warm-start setting; in ``setup``, for candidates outside
+            the middle.
     """
 
     def __init__(
@@ -72,6 +79,9 @@ class LayerReplace(pl.Callback):
         seed: int = 0,
         model_attr: str = "model",
         log_scores: bool = True,
+        warm_start_batches: int = 0,
+        warm_start_steps: int = 4,
+        warm_start_lr: float = 1e-3,
     ) -> None:
         problems = []
         if num_candidates < 2:
@@ -84,6 +94,11 @@ class LayerReplace(pl.Callback):
             problems.append(f"`val_alpha={val_alpha}` must be in [0, 1)")
         if harmonizer_rank < 1:
             problems.append(f"`harmonizer_rank={harmonizer_rank}` must be >= 1")
+        if warm_start_batches < 0 or warm_start_steps < 1 or not warm_start_lr > 0:
+            problems.append(
+                f"`warm_start_batches={warm_start_batches}` must be >= 0, `warm_start_steps={warm_start_steps}` "
+                f">= 1 and `warm_start_lr={warm_start_lr}` > 0"
+            )
         if problems:
             raise ValueError("LayerReplace: " + "; ".join(problems) + ".")
         self.adapter_bottom, self.adapter_top = adapter_bottom, adapter_top
@@ -96,6 +111,12 @@ class LayerReplace(pl.Callback):
         self.seed = seed
         self.model_attr = model_attr
         self.log_scores = log_scores
+        self.warm_start_batches, self.warm_start_steps, self.warm_start_lr = (
+            warm_start_batches,
+            warm_start_steps,
+            warm_start_lr,
+        )
+        self.warm_start_error: tuple[float, float] | None = None
         self.importance: LayerImportance | None = None
         self.switches: dict[int, LayerSwitch] = {}
         self.rl_batches = 0  # held-out batches consumed so far (to resume the stream at the same place)
@@ -130,6 +151,30 @@ class LayerReplace(pl.Callback):
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
         pl_module.layer_importance = self.importance.scores.clone()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.warm_start_batches or trainer.global_step > 0 or self._pending_state is not None:
+            return
+        if trainer.ckpt_path is not None:  # resumed: the harmonizers were restored
+            return
+        device = pl_module.device
+
+        def batches() -> Iterator[dict[str, Any]]:
+            loader = trainer.datamodule.train_dataloader()
+            for _, batch in zip(range(self.warm_start_batches), loader):
+                yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+        model = getattr(pl_module, self.model_attr)
+        with torch.enable_grad():
+            self.warm_start_error = warm_start_harmonizers(
+                model, self.switches, batches(), self.warm_start_steps, self.warm_start_lr
+            )
+        before, after = self.warm_start_error
+        rank_zero_info(
+            f"Harmonizer warm start on {self.warm_start_batches} batches: normalised block error "
+            f"{before:.3f} -> {after:.3f} (1.0 = layer drop)"
+        )
 
     # ------------------------------------------------------------------ per step
     @override

@@ -23,6 +23,7 @@ from privtune.emulator import (
     set_replace_mask,
     stage1_step,
     truncated_svd,
+    warm_start_harmonizers,
 )
 from privtune.models import get_blocks, load_model
 
@@ -51,6 +52,26 @@ def test_fresh_harmonizer_is_identity() -> None:
     assert torch.equal(h(x, None, position_ids=None), x)
     with pytest.raises(ValueError, match="harmonizer_rank=0"):
         Harmonizer(32, 0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_warm_start_fits_each_harmonizer_to_its_block(name: str) -> None:
+    model = _model(name)
+    batch = _batch(12)
+    reference = _out(model, batch)
+    harmonizers = make_harmonizers(32, [1, 2], rank=8)
+    switches = install_switches(model, harmonizers)
+    before, after = warm_start_harmonizers(model, switches, [batch] * 10, steps_per_batch=5, lr=1e-2)
+    assert before == pytest.approx(1.0)  # a fresh harmonizer is the identity: the whole residual is missed
+    assert after < 0.9 * before
+    assert all(not s.replaced for s in switches.values())  # the original blocks run again afterwards
+    assert torch.equal(_out(model, batch), reference)  # and the frozen blocks are untouched
+    # block activations are detached: only the harmonizers get gradients
+    grads = {n: p.grad is not None for n, p in model.named_parameters()}
+    assert not any(g for n, g in grads.items() if ".harmonizer." not in n)
+    assert any(g for n, g in grads.items() if ".harmonizer." in n)
+    with pytest.raises(ValueError, match="no batch"):
+        warm_start_harmonizers(model, switches, [])
 
 
 @pytest.mark.parametrize("name", FAMILIES)

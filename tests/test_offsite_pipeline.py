@@ -64,28 +64,33 @@ def _task(path, **kw) -> TextFile:
     return TextFile(str(path), **args)
 
 
-def _replace() -> LayerReplace:
-    return LayerReplace(adapter_bottom=1, adapter_top=1, harmonizer_rank=8, group_size=2, num_candidates=2, seed=0)
+def _replace(**kw) -> LayerReplace:
+    args = {"adapter_bottom": 1, "adapter_top": 1, "harmonizer_rank": 8, "group_size": 2, "num_candidates": 2}
+    return LayerReplace(**args, seed=0, **kw)
 
 
 def test_stage1_kill_and_resume_reaches_the_same_scores_and_harmonizers(tmp_path, tiny_trainer) -> None:
     straight = HarmonizerImportance("tiny-llama", lr=1e-2)
-    cb = _replace()
+    cb = _replace(warm_start_batches=2)
     tiny_trainer(max_epochs=2, limit_val_batches=0, callbacks=[cb]).fit(straight, datamodule=FixedLM())
 
     first = HarmonizerImportance("tiny-llama", lr=1e-2)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    tiny_trainer(max_epochs=1, limit_val_batches=0, callbacks=[_replace(), ckpt], enable_checkpointing=True).fit(
+    callbacks = [_replace(warm_start_batches=2), ckpt]
+    tiny_trainer(max_epochs=1, limit_val_batches=0, callbacks=callbacks, enable_checkpointing=True).fit(
         first, datamodule=FixedLM()
     )
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert all(k.startswith(("harmonizers.", "layer_importance")) for k in saved["state_dict"])  # small checkpoint
     resumed = HarmonizerImportance("tiny-llama", lr=1e-2)
-    cb2 = _replace()
+    cb2 = _replace(warm_start_batches=2)
     tiny_trainer(max_epochs=2, limit_val_batches=0, callbacks=[cb2], enable_checkpointing=False).fit(
         resumed, datamodule=FixedLM(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
     assert cb2.rl_batches == cb.rl_batches == 4
+    # the warm start ran once, before the first step, and not again on resume
+    assert cb.warm_start_error is not None and cb.warm_start_error[1] < cb.warm_start_error[0]
+    assert cb2.warm_start_error is None
     assert torch.equal(cb2.importance.scores, cb.importance.scores)
     assert not torch.equal(cb.importance.scores, torch.zeros(2, dtype=torch.float64))
     for key, value in straight.harmonizers.state_dict().items():
@@ -120,6 +125,8 @@ def test_export_refuses_original_ffn_before_training(tiny_trainer) -> None:
         EmulatorExport("unused", alpha=1.0)
     with pytest.raises(ValueError, match="num_candidates=1"):
         LayerReplace(num_candidates=1)
+    with pytest.raises(ValueError, match="warm_start_batches=-1"):
+        LayerReplace(warm_start_batches=-1)
 
 
 @pytest.mark.parametrize("method", ["uniform_drop", "gradot"])

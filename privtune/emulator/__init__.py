@@ -40,6 +40,7 @@ from privtune.emulator.harmonizer import (
     make_harmonizers,
     remove_switches,
     set_replace_mask,
+    warm_start_harmonizers,
 )
 from privtune.emulator.importance import least_important, reinforce_update, rewards, sample_keep_mask
 from privtune.emulator.layer_drop import uniform_keep_indices, uniform_keep_layers
@@ -75,6 +76,7 @@ __all__ = [
     "freeze_except_adapters",
     "gradot_compress",
     "install_switches",
+    "warm_start_harmonizers",
     "kfac_statistics",
     "least_important",
     "lm_loss",

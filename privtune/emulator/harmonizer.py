@@ -19,7 +19,7 @@ which positions currently run their harmonizer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -120,3 +120,79 @@ def _set_blocks_keep_idx(model: nn.Module, blocks: list[nn.Module]) -> None:
     # set_blocks renumbers attention.layer_idx of real blocks; a LayerSwitch has no attention attribute, so
     # the wrapped block keeps its own index, which is the same position anyway.
     set_blocks(model, blocks)
+
+
+@torch.no_grad()
+def _block_io(model: nn.Module, switches: Mapping[int, LayerSwitch], batch: Mapping[str, Tensor]) -> dict:
+    """``{block index: (h_in, h_out)}``, each ``[B, T, d]``, from one forward of the original model."""
+    captured: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def hook(idx: int):  # noqa: ANN202 - a forward-hook factory
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            captured[idx] = (h_in.detach(), h_out.detach())
+
+        return record
+
+    set_replace_mask(switches, {})
+    handles = [s.block.register_forward_hook(hook(i), with_kwargs=True) for i, s in switches.items()]
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def warm_start_harmonizers(
+    model: nn.Module,
+    switches: Mapping[int, LayerSwitch],
+    batches: Iterable[Mapping[str, Tensor]],
+    steps_per_batch: int = 4,
+    lr: float = 1e-3,
+) -> tuple[float, float]:
+    """Fit each harmonizer to its own block, layer by layer, before ScaleOT's end-to-end stage 1.
+
+    Decision (not in the paper, which trains harmonizers only end to end under Dynamic LayerReplace): a
+    harmonizer starts as the identity (plain layer drop); this warm start regresses it onto the residual map of
+    the block it stands for, on the block's real inputs from the owner's public text::
+
+        min  sum_i  ||H_i(h_in) - h_out||^2 / ||h_out - h_in||^2        (h_in, h_out: block i's input, output)
+
+    so every harmonizer first learns the per-token part of its block (a token-wise FFN cannot mix tokens as
+    attention does; stage 1 then tunes it in context). One forward of the original model gives every block's
+    pair, so the cost is one forward per batch plus tiny low-rank steps. The normalisation makes every block
+    count equally, whatever its residual's scale.
+
+    Args:
+        model: the model with :class:`LayerSwitch` es installed (their blocks frozen).
+        switches: ``{block index: switch}`` from :func:`install_switches`.
+        batches: LM batches (``input_ids``, ``attention_mask``) on the model's device.
+        steps_per_batch: Adam steps on each batch's activations.
+        lr: Adam learning rate.
+
+    Returns:
+        ``(error before, error after)``: the mean normalised residual error over blocks on the first and last
+        batch (1.0 before = a fresh identity harmonizer).
+    """
+    harmonizers = [s.harmonizer for s in switches.values()]
+    optimizer = torch.optim.Adam([p for h in harmonizers for p in h.parameters()], lr=lr)
+    losses: list[float] = []
+    for batch in batches:
+        io = _block_io(model, switches, batch)
+        mask = batch["attention_mask"].unsqueeze(-1).to(next(iter(io.values()))[0].dtype)  # [B, T, 1]
+        for _ in range(steps_per_batch):
+            errors = []
+            for idx, switch in switches.items():
+                h_in, h_out = io[idx]
+                num = ((switch.harmonizer(h_in) - h_out) ** 2 * mask).sum()
+                errors.append(num / (((h_out - h_in) ** 2 * mask).sum() + 1e-12))
+            loss = torch.stack(errors).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+    if not losses:
+        raise ValueError("warm_start_harmonizers got no batch.")
+    return losses[0], losses[-1]
