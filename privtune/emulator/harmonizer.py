@@ -192,7 +192,7 @@ def warm_start_harmonizers(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     if not losses:
         raise ValueError("warm_start_harmonizers got no batch.")
     return losses[0], losses[-1]
