@@ -22,6 +22,9 @@ def test_config_parses_and_says_how_to_run_it(path: Path) -> None:
     assert lines[1] == f"# Run: python train.py fit --config configs/fed_prompt/{path.name}"
     cli = _ParseOnly(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(path)])
     fed = cli.config["trainer"]["strategy"]["init_args"]["federated"]
+    if path.stem == "tiny_debug":  # the seconds-long mechanics check on a tiny random model
+        assert cli.config["model"]["init_args"]["model"].startswith("tiny-")
+        return
     assert fed["server"] in path.stem or path.stem.startswith(("fedpeptao", "smollm2"))
     assert cli.config["data"]["init_args"]["num_clients"] >= 20
 
