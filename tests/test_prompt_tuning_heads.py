@@ -40,7 +40,15 @@ def test_label_name_head_is_scaled_cosine_to_frozen_name_embeddings() -> None:
 
 def test_label_name_head_trains_the_prefix_only() -> None:
     module = PromptTuning(model="tiny-bert", num_virtual_tokens=2, num_labels=2)
+    for layer in module.model.modules():
+        if isinstance(layer, torch.nn.Dropout):
+            layer.p = 0.5
+    module.train()
     module.configure_labels(None, 2, NAMES)
+    first = module.label_embeddings.clone()
+    module.configure_labels(None, 2, NAMES)
+    torch.testing.assert_close(module.label_embeddings, first, rtol=0, atol=0)  # computed without dropout
+    assert module.model.training  # and the mode is restored
     loss = module.client_loss(_batch(module))
     loss.backward()
     assert module.prompt.weight.grad is not None and module.prompt.weight.grad.abs().sum() > 0

@@ -156,7 +156,12 @@ class PromptTuning(pl.LightningModule):
         """``[C, d]``: each name's mean-pooled, normalised last hidden state, frozen model, no prefix."""
         enc = self.tokenizer([n.replace("_", " ") for n in names], padding=True, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items()}
-        hidden = self.model.base_model(**enc).last_hidden_state
+        was_training = self.model.training
+        self.model.eval()  # no dropout: the class embeddings are fixed vectors, the same on every client and rank
+        try:
+            hidden = self.model.base_model(**enc).last_hidden_state
+        finally:
+            self.model.train(was_training)
         return F.normalize(_mean_pool(hidden, enc["attention_mask"]), dim=-1)
 
     # ------------------------------------------------------------------ what a client trains and sends
