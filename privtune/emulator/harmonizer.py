@@ -19,7 +19,7 @@ which positions currently run their harmonizer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -127,7 +127,7 @@ def _block_io(model: nn.Module, switches: Mapping[int, LayerSwitch], batch: Mapp
     """``{block index: (h_in, h_out)}``, each ``[B, T, d]``, from one forward of the original model."""
     captured: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def hook(idx: int):  # noqa: ANN202 - a forward-hook factory
+    def hook(idx: int) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             h_in = args[0] if args else kwargs["hidden_states"]
             h_out = output[0] if isinstance(output, tuple) else output
