@@ -22,16 +22,19 @@ and the original middle blocks never leave the model owner.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from privtune.emulator import (
     build_scaleot_emulator,
     check_base_model,
+    distill_emulator,
     load_adapter_artifact,
     plug_adapters,
     read_plan,
@@ -50,6 +53,12 @@ class EmulatorExport(pl.Callback):
         beta: ScaleOT kept rank fraction of the kept layers' attention matrices, ``(0, 1]``.
         beta_mlp: kept rank fraction of their MLP matrices, ``(0, 1]``; below 1 so that no original matrix
             is shipped (privtune's artifact rule; ScaleOT itself leaves the FFN as it is).
+        distill_steps: after the emulator is built, distil its middle (harmonizers, compressed blocks) towards
+            the original model with Offsite-Tuning's KD objective for this many steps on the fit's training
+            batches (:func:`~privtune.emulator.distill.distill_emulator`); 0 (default) ships it as built.
+            ScaleOT ships its emulator without this step; privtune offers it because the harmonizers are trained
+            with sampled, not final, replacement sets, and the final set is what the data owner tunes on.
+        distill_lr: AdamW learning rate of that distillation.
 
     Raises:
         ValueError: for knobs outside their ranges (at construction), or, in ``setup``, for an export that would
@@ -63,8 +72,14 @@ class EmulatorExport(pl.Callback):
         alpha: float = 0.5,
         beta: float = 0.8,
         beta_mlp: float = 0.9,
+        distill_steps: int = 0,
+        distill_lr: float = 1e-4,
     ) -> None:
         problems = []
+        if distill_steps < 0:
+            problems.append(f"`distill_steps={distill_steps}` must be >= 0")
+        if distill_lr <= 0:
+            problems.append(f"`distill_lr={distill_lr}` must be > 0")
         if not 0.0 <= alpha < 1.0:
             problems.append(f"`alpha={alpha}` (replaced fraction) must be in [0, 1)")
         for name, value in (("beta", beta), ("beta_mlp", beta_mlp)):
@@ -76,6 +91,8 @@ class EmulatorExport(pl.Callback):
             raise ValueError("EmulatorExport: " + "; ".join(problems) + ".")
         self.output_dir = output_dir
         self.adapter_layers, self.alpha, self.beta, self.beta_mlp = adapter_layers, alpha, beta, beta_mlp
+        self.distill_steps, self.distill_lr = distill_steps, distill_lr
+        self.distill_kd: tuple[float, float] | None = None
         self.emulator: Any = None
         self.plan: Any = None
         self.seconds = 0.0
@@ -113,10 +130,26 @@ class EmulatorExport(pl.Callback):
         plan.base_model = pl_module.model_name
         return emulator, plan, pl_module.model
 
+    def distill(self, loader: Iterable[dict[str, Any]], emulator: Any, plan: Any, original: Any) -> None:
+        """Distil the built emulator on ``loader``'s LM batches (``distill_steps`` > 0 only)."""
+        if not self.distill_steps:
+            return
+        device = next(original.parameters()).device
+        batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in loader]
+        self.distill_kd = distill_emulator(
+            original, emulator.to(device), plan, batches, self.distill_steps, self.distill_lr
+        )
+        plan.info["distill_steps"] = self.distill_steps
+        rank_zero_info(
+            f"EmulatorExport: distilled the emulator for {self.distill_steps} steps, normalised KD "
+            f"{self.distill_kd[0]:.3f} -> {self.distill_kd[1]:.3f}."
+        )
+
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
         emulator, plan, original = self.build(pl_module)
+        self.distill(trainer.datamodule.train_dataloader(), emulator, plan, original)
         if trainer.is_global_zero:
             save_emulator_artifact(self.output_dir, emulator.cpu(), plan, original.cpu())
         self.emulator, self.plan = emulator, plan
@@ -268,15 +301,17 @@ class OffsitePipeline(pl.Callback):
             model_name=export.plan.base_model,
             emulator_dir=export.output_dir,
             owner_stage_seconds={"stage-1 / distillation (fit)": owner_seconds, "emulator export": export.seconds},
-            regenerate=(lambda alpha: _regenerate(export, pl_module, alpha)) if self.settings.alphas else None,
+            regenerate=(lambda alpha: _regenerate(export, trainer, pl_module, alpha)) if self.settings.alphas else None,
         )
 
 
-def _regenerate(export: EmulatorExport, pl_module: pl.LightningModule, alpha: float) -> str:
+def _regenerate(export: EmulatorExport, trainer: pl.Trainer, pl_module: pl.LightningModule, alpha: float) -> str:
     """Write the ScaleOT emulator of the same stage-1 run for another ``α``; return its folder."""
     knobs = EmulatorExport(
-        f"{export.output_dir}_alpha{alpha:g}", export.adapter_layers, alpha, export.beta, export.beta_mlp
-    )
+        f"{export.output_dir}_alpha{alpha:g}", export.adapter_layers, alpha, export.beta, export.beta_mlp,
+        export.distill_steps, export.distill_lr,
+    )  # fmt: skip
     emulator, plan, original = knobs.build(pl_module)
+    knobs.distill(trainer.datamodule.train_dataloader(), emulator, plan, original)
     save_emulator_artifact(knobs.output_dir, emulator.cpu(), plan, original.cpu())
     return knobs.output_dir

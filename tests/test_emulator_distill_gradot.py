@@ -10,6 +10,7 @@ from privtune.emulator import (
     build_emulator,
     build_gradot_emulator,
     channel_gcs,
+    distill_emulator,
     distillation_loss,
     find_original_tensors,
     kfac_statistics,
@@ -142,3 +143,20 @@ def test_gradot_rejects_bad_budgets_before_work() -> None:
         build_gradot_emulator(model, [], rank_budget=0)
     with pytest.raises(ValueError, match="keep_top_frac=2"):
         build_gradot_emulator(model, [], keep_top_frac=2)
+
+
+def test_distill_emulator_lowers_kd_and_leaves_adapters_and_teacher_alone() -> None:
+    model = load_model("tiny-llama").eval()
+    teacher_state = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = uniform_drop_plan(4, 1, 1, 1)
+    emulator = build_emulator(model, plan)
+    adapters = {
+        k: v.clone() for k, v in emulator.state_dict().items() if k.startswith(("model.layers.0.", "model.layers.2."))
+    }
+    first, last = distill_emulator(model, emulator, plan, [_batch(0), _batch(1)], steps=11, lr=3e-3)
+    assert last < first  # the same batch (0) on the first and the last of 11 steps
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in teacher_state.items())
+    assert all(torch.equal(emulator.state_dict()[k], v) for k, v in adapters.items())
+    assert not any(p.requires_grad for p in emulator.parameters()) and not emulator.training
+    with pytest.raises(ValueError, match="steps=0"):
+        distill_emulator(model, emulator, plan, [_batch()], steps=0)

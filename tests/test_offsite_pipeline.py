@@ -112,6 +112,29 @@ def test_stage1_trains_only_harmonizers_and_exports_a_clean_emulator(tmp_path, t
     assert find_original_tensors(emulator.state_dict(), load_model("tiny-llama"), plan) == []
 
 
+def test_export_distils_the_built_emulator_towards_the_original(tmp_path, tiny_trainer) -> None:
+    module = HarmonizerImportance("tiny-llama", lr=1e-2)
+    export = EmulatorExport(
+        str(tmp_path / "emu"), adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=0.75, distill_steps=9, distill_lr=3e-3
+    )
+    tiny_trainer(max_epochs=1, callbacks=[_replace(), export]).fit(module, datamodule=FixedLM())
+    # two training batches: steps 1 and 9 both see the first one
+    assert export.distill_kd is not None and export.distill_kd[1] < export.distill_kd[0]
+    plan = read_plan(tmp_path / "emu")
+    assert plan.info["distill_steps"] == 9
+    emulator, _ = load_emulator_artifact(tmp_path / "emu")
+    assert find_original_tensors(emulator.state_dict(), load_model("tiny-llama"), plan) == []
+    # the adapters the data owner starts from are still the original blocks
+    original = get_blocks(load_model("tiny-llama"))
+    for position, index in ((0, 0), (plan.depth - 1, 3)):
+        for (name, a), b in zip(
+            get_blocks(emulator)[position].state_dict().items(), original[index].state_dict().values()
+        ):
+            assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="distill_steps=-1"):
+        EmulatorExport("unused", distill_steps=-1)
+
+
 def test_export_refuses_original_ffn_before_training(tiny_trainer) -> None:
     module = HarmonizerImportance("tiny-llama")
     export = EmulatorExport("unused", adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=1.0)

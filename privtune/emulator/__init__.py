@@ -23,7 +23,13 @@ from privtune.emulator.build import (
     freeze_except_adapters,
     model_fingerprint,
 )
-from privtune.emulator.distill import distillation_loss, middle_parameters, normalized_kd_loss, run_until_block
+from privtune.emulator.distill import (
+    distill_emulator,
+    distillation_loss,
+    middle_parameters,
+    normalized_kd_loss,
+    run_until_block,
+)
 from privtune.emulator.gradot import (
     KFACStats,
     build_gradot_emulator,
@@ -69,6 +75,7 @@ __all__ = [
     "compress_kept_blocks",
     "compress_linear",
     "count_parameters",
+    "distill_emulator",
     "distillation_loss",
     "emulator_skeleton",
     "extract_adapters",

@@ -12,8 +12,9 @@ Threat model: distillation runs at the model owner on public text; the data owne
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
+from itertools import cycle, islice
 
 import torch
 from torch import Tensor, nn
@@ -113,3 +114,61 @@ def middle_parameters(emulator: nn.Module, plan: EmulatorPlan) -> list[nn.Parame
             blocks[pos].requires_grad_(True)
             params.extend(blocks[pos].parameters())
     return params
+
+
+def distill_emulator(
+    teacher: nn.Module,
+    emulator: nn.Module,
+    plan: EmulatorPlan,
+    batches: Iterable[Mapping[str, Tensor]],
+    steps: int,
+    lr: float = 1e-4,
+    lm_weight: float = 1.0,
+    kd_weight: float = 30.0,
+) -> tuple[float, float]:
+    """Distil ``emulator``'s middle towards ``teacher`` for ``steps`` AdamW steps, cycling ``batches``.
+
+    The OT objective of :func:`distillation_loss`, as a plain loop, so that any emulator (uniform drop, ScaleOT,
+    GradOT) can be distilled after it is built. Only the middle positions train (:func:`middle_parameters`);
+    the adapters and the teacher stay frozen, and the emulator is left in eval mode with no gradients enabled.
+
+    Args:
+        teacher: the original model (frozen; stage-1 switches, if installed, must keep every block).
+        emulator: the student, on the teacher's device.
+        plan: the emulator's plan.
+        batches: LM batches (``input_ids``, ``attention_mask``, ``labels``) on that device; cycled.
+        steps: optimiser steps (> 0).
+        lr: AdamW learning rate.
+        lm_weight: ``λ_lm``.
+        kd_weight: ``λ_kd``.
+
+    Returns:
+        ``(kd first, kd last)``: the normalised KD term on the first and the last step.
+
+    Raises:
+        ValueError: for ``steps <= 0`` or ``lr <= 0``, or when ``batches`` is empty.
+    """
+    if steps <= 0 or lr <= 0:
+        raise ValueError(f"distill_emulator: `steps={steps}` and `lr={lr}` must both be > 0.")
+    params = middle_parameters(emulator, plan)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    teacher_mode = teacher.training
+    teacher.eval()  # the teacher's dropout off: h_T is the function the emulator must imitate
+    emulator.train()
+    kd: list[float] = []
+    with torch.enable_grad():
+        for batch in islice(cycle(list(batches)), steps):
+            out = distillation_loss(
+                teacher, emulator, plan, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                lm_weight, kd_weight,
+            )  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            kd.append(float(out["kd"]))
+    if not kd:
+        raise ValueError("distill_emulator got no batch.")
+    emulator.requires_grad_(False)
+    emulator.eval()
+    teacher.train(teacher_mode)
+    return kd[0], kd[-1]
