@@ -5,7 +5,9 @@ Arms (all with the same adapter blocks 0,1 and L-2,L-1, the same data, steps and
 * ``ot_drop``: Offsite-Tuning 2-k-2 uniform layer drop, no distillation (OT†; cannot be exported as an
   artifact because it ships original blocks, so it runs in process);
 * ``ot_kd``: the same emulator distilled with the normalised KD loss on the owner's public corpus;
-* ``scaleot``: ScaleOT stage 1 + emulator generation for (N_a=4, α, β, β_mlp);
+* ``scaleot``: ScaleOT stage 1 (with the harmonizer warm start) + emulator generation for (N_a=4, α, β, β_mlp);
+* ``scaleot_kd``: the same stage-1 run's emulator, then distilled with the OT KD loss for ``--owner-steps``
+  steps (``EmulatorExport(distill_steps=...)``; stage 1 runs once when both ScaleOT arms are asked for);
 * ``gradot``: GradOT, training-free, over every middle block with rank/channel budgets.
 
 Full zero-shot and full fine-tuning of the same blocks are measured once. Writes ``compare.json`` and
@@ -28,7 +30,7 @@ import lightning.pytorch as pl
 from privtune.callbacks.layer_replace import LayerReplace
 from privtune.callbacks.offsite_tuning import EmulatorExport
 from privtune.datamodules import LMCorpus
-from privtune.emulator import count_parameters
+from privtune.emulator import count_parameters, save_emulator_artifact
 from privtune.eval.offsite_report import privacy_gap
 from privtune.models import load_model
 from privtune.modules import TextClassifier
@@ -43,9 +45,16 @@ from privtune.modules.offsite_pipeline import (
 )
 
 
+def _corpus(source: str) -> LMCorpus:
+    # the owner's corpus of configs/default.yaml: 128 blocks of 64 tokens, batches of 4
+    data = LMCorpus(source=source, block_size=64, max_train_blocks=128, max_val_blocks=48, batch_size=4)
+    data.setup("fit")
+    return data
+
+
 def _owner_fit(module: pl.LightningModule, callbacks: list, steps: int, corpus: str, root: str) -> float:
     pl.seed_everything(0, verbose=False)
-    data = LMCorpus(source=corpus, block_size=64, max_train_blocks=320, max_val_blocks=32, batch_size=8)
+    data = _corpus(corpus)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -69,6 +78,8 @@ def main() -> None:
     parser.add_argument("--rank-budget", type=float, default=0.45)
     parser.add_argument("--channel-budget", type=float, default=0.4)
     parser.add_argument("--owner-steps", type=int, default=30, help="stage-1 / distillation steps")
+    parser.add_argument("--warm-start-batches", type=int, default=16, help="ScaleOT harmonizer warm start")
+    parser.add_argument("--distill-lr", type=float, default=1e-4, help="OT / scaleot_kd distillation lr")
     parser.add_argument("--steps", type=int, default=30, help="adapter-tuning steps")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--train-size", type=int, default=240)
@@ -92,20 +103,29 @@ def main() -> None:
         timer = _fit(ft, data, str(out), args.steps, 0, [])
         rows["ft"] = _test(ft, data, str(out)) | {"step_s": timer.mean}
     full_params = count_parameters(load_model(args.model))
+    stage1: tuple[HarmonizerImportance, float] | None = None
     for arm in args.arms.split(","):
         owner_s, emu_dir, layers = 0.0, str(out / arm / "emulator"), None
         if arm == "ot_drop":
             emu_dir, layers = None, args.emulator_layers
         elif arm == "ot_kd":
-            module = EmulatorDistillation(args.model, emulator_layers=args.emulator_layers, lr=1e-4)
+            module = EmulatorDistillation(args.model, emulator_layers=args.emulator_layers, lr=args.distill_lr)
             owner_s = _owner_fit(module, [EmulatorExport(emu_dir)], args.owner_steps, args.corpus, str(out))
-        elif arm == "scaleot":
-            module = HarmonizerImportance(args.model, lr=1e-3)
-            callbacks = [
-                LayerReplace(2, 2, harmonizer_rank=64, log_scores=False),
-                EmulatorExport(emu_dir, 4, args.alpha, args.beta, args.beta_mlp),
-            ]
-            owner_s = _owner_fit(module, callbacks, args.owner_steps, args.corpus, str(out))
+        elif arm in ("scaleot", "scaleot_kd"):
+            if stage1 is None:
+                module = HarmonizerImportance(args.model, lr=1e-3)
+                replace = LayerReplace(
+                    2, 2, harmonizer_rank=64, log_scores=False, warm_start_batches=args.warm_start_batches
+                )
+                stage1 = module, _owner_fit(module, [replace], args.owner_steps, args.corpus, str(out))
+            module, owner_s = stage1
+            steps = args.owner_steps if arm == "scaleot_kd" else 0
+            export = EmulatorExport(emu_dir, 4, args.alpha, args.beta, args.beta_mlp, steps, args.distill_lr)
+            start = time.perf_counter()
+            emulator, plan, original = export.build(module)
+            export.distill(_corpus(args.corpus).train_dataloader(), emulator, plan, original)
+            save_emulator_artifact(emu_dir, emulator.cpu(), plan, original.cpu())
+            owner_s += time.perf_counter() - start
         elif arm == "gradot":
             module = EmulatorDistillation(
                 args.model, emulator_layers=None, method="gradot", rank_budget=args.rank_budget,

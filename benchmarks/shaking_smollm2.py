@@ -173,6 +173,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--implant-steps", type=int, default=20)
+    p.add_argument("--implant-lr", type=float, default=1e-4)
+    p.add_argument("--implant-k", type=int, default=2, help="first blocks trained by the implantation")
     p.add_argument("--search-budget", type=int, default=10)
     p.add_argument("--search-seeds", type=int, default=2)
     p.add_argument("--tau-attack", type=float, default=0.05)
@@ -326,8 +328,8 @@ def main() -> None:
         key.save(key_path)
         ledger.add("keygen" + tag, time.perf_counter() - t0)
         shaker = EmbeddingShaking(key_path, shake_batches=False, recovery="none", **init)
-        rec = ShakeRecovery(model=MODEL, awareness_steps=args.implant_steps // 2, k=2, lr=1e-4,
-                            save_dir=str(out / "implanted"))  # fmt: skip
+        rec = ShakeRecovery(model=MODEL, awareness_steps=args.implant_steps // 2, k=args.implant_k,
+                            lr=args.implant_lr, save_dir=str(out / "implanted"))  # fmt: skip
         corpus = LMCorpus("bbc_news", block_size=args.max_length, batch_size=4, max_train_blocks=4 * args.implant_steps,
                           max_val_blocks=8, tokenizer=MODEL)  # fmt: skip
         tr = pl.Trainer(accelerator="cpu", max_steps=args.implant_steps, logger=False, enable_checkpointing=False,
