@@ -45,16 +45,18 @@ from privtune.modules.offsite_pipeline import (
 )
 
 
-def _corpus(source: str) -> LMCorpus:
+def _corpus(source: str, model: str) -> LMCorpus:
     # the owner's corpus of configs/default.yaml: 128 blocks of 64 tokens, batches of 4
-    data = LMCorpus(source=source, block_size=64, max_train_blocks=128, max_val_blocks=48, batch_size=4)
+    data = LMCorpus(
+        source=source, block_size=64, max_train_blocks=128, max_val_blocks=48, batch_size=4, tokenizer=model
+    )
     data.setup("fit")
     return data
 
 
-def _owner_fit(module: pl.LightningModule, callbacks: list, steps: int, corpus: str, root: str) -> float:
+def _owner_fit(module: pl.LightningModule, callbacks: list, steps: int, corpus: str, root: str, model: str) -> float:
     pl.seed_everything(0, verbose=False)
-    data = _corpus(corpus)
+    data = _corpus(corpus, model)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--owner-steps", type=int, default=30, help="stage-1 / distillation steps")
     parser.add_argument("--warm-start-batches", type=int, default=16, help="ScaleOT harmonizer warm start")
     parser.add_argument("--distill-lr", type=float, default=1e-4, help="OT / scaleot_kd distillation lr")
+    parser.add_argument("--kd-norm", choices=["global", "per_dim"], default="global", help="KD normalisation")
     parser.add_argument("--steps", type=int, default=30, help="adapter-tuning steps")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--train-size", type=int, default=240)
@@ -109,21 +112,25 @@ def main() -> None:
         if arm == "ot_drop":
             emu_dir, layers = None, args.emulator_layers
         elif arm == "ot_kd":
-            module = EmulatorDistillation(args.model, emulator_layers=args.emulator_layers, lr=args.distill_lr)
-            owner_s = _owner_fit(module, [EmulatorExport(emu_dir)], args.owner_steps, args.corpus, str(out))
+            module = EmulatorDistillation(
+                args.model, emulator_layers=args.emulator_layers, kd_norm=args.kd_norm, lr=args.distill_lr
+            )
+            owner_s = _owner_fit(module, [EmulatorExport(emu_dir)], args.owner_steps, args.corpus, str(out), args.model)
         elif arm in ("scaleot", "scaleot_kd"):
             if stage1 is None:
                 module = HarmonizerImportance(args.model, lr=1e-3)
                 replace = LayerReplace(
                     2, 2, harmonizer_rank=64, log_scores=False, warm_start_batches=args.warm_start_batches
                 )
-                stage1 = module, _owner_fit(module, [replace], args.owner_steps, args.corpus, str(out))
+                stage1 = module, _owner_fit(module, [replace], args.owner_steps, args.corpus, str(out), args.model)
             module, owner_s = stage1
             steps = args.owner_steps if arm == "scaleot_kd" else 0
-            export = EmulatorExport(emu_dir, 4, args.alpha, args.beta, args.beta_mlp, steps, args.distill_lr)
+            export = EmulatorExport(
+                emu_dir, 4, args.alpha, args.beta, args.beta_mlp, steps, args.distill_lr, args.kd_norm
+            )
             start = time.perf_counter()
             emulator, plan, original = export.build(module)
-            export.distill(_corpus(args.corpus).train_dataloader(), emulator, plan, original)
+            export.distill(_corpus(args.corpus, args.model).train_dataloader(), emulator, plan, original)
             save_emulator_artifact(emu_dir, emulator.cpu(), plan, original.cpu())
             owner_s += time.perf_counter() - start
         elif arm == "gradot":
@@ -131,7 +138,7 @@ def main() -> None:
                 args.model, emulator_layers=None, method="gradot", rank_budget=args.rank_budget,
                 channel_budget=args.channel_budget, calib_batches=4,
             )  # fmt: skip
-            owner_s = _owner_fit(module, [EmulatorExport(emu_dir)], 0, args.corpus, str(out))
+            owner_s = _owner_fit(module, [EmulatorExport(emu_dir)], 0, args.corpus, str(out), args.model)
         else:
             raise ValueError(f"unknown arm {arm!r}")
         res = tune_emulator_and_plug_in(settings, args.model, emu_dir, str(out / arm / "adapters"), data, layers)

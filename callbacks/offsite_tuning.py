@@ -59,6 +59,8 @@ class EmulatorExport(pl.Callback):
             ScaleOT ships its emulator without this step; privtune offers it because the harmonizers are trained
             with sampled, not final, replacement sets, and the final set is what the data owner tunes on.
         distill_lr: AdamW learning rate of that distillation.
+        distill_norm: normalisation of its KD term: ``global`` (Offsite-Tuning) or ``per_dim`` (each hidden dimension
+            by its own scale; see :func:`~privtune.emulator.distill.normalized_kd_loss`).
 
     Raises:
         ValueError: for knobs outside their ranges (at construction), or, in ``setup``, for an export that would
@@ -74,12 +76,15 @@ class EmulatorExport(pl.Callback):
         beta_mlp: float = 0.9,
         distill_steps: int = 0,
         distill_lr: float = 1e-4,
+        distill_norm: Literal["global", "per_dim"] = "global",
     ) -> None:
         problems = []
         if distill_steps < 0:
             problems.append(f"`distill_steps={distill_steps}` must be >= 0")
         if distill_lr <= 0:
             problems.append(f"`distill_lr={distill_lr}` must be > 0")
+        if distill_norm not in ("global", "per_dim"):
+            problems.append(f"`distill_norm={distill_norm!r}` must be 'global' or 'per_dim'")
         if not 0.0 <= alpha < 1.0:
             problems.append(f"`alpha={alpha}` (replaced fraction) must be in [0, 1)")
         for name, value in (("beta", beta), ("beta_mlp", beta_mlp)):
@@ -91,7 +96,7 @@ class EmulatorExport(pl.Callback):
             raise ValueError("EmulatorExport: " + "; ".join(problems) + ".")
         self.output_dir = output_dir
         self.adapter_layers, self.alpha, self.beta, self.beta_mlp = adapter_layers, alpha, beta, beta_mlp
-        self.distill_steps, self.distill_lr = distill_steps, distill_lr
+        self.distill_steps, self.distill_lr, self.distill_norm = distill_steps, distill_lr, distill_norm
         self.distill_kd: tuple[float, float] | None = None
         self.emulator: Any = None
         self.plan: Any = None
@@ -137,11 +142,12 @@ class EmulatorExport(pl.Callback):
         device = next(original.parameters()).device
         batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in loader]
         self.distill_kd = distill_emulator(
-            original, emulator.to(device), plan, batches, self.distill_steps, self.distill_lr
-        )
-        plan.info["distill_steps"] = self.distill_steps
+            original, emulator.to(device), plan, batches, self.distill_steps, self.distill_lr,
+            kd_norm=self.distill_norm,
+        )  # fmt: skip
+        plan.info |= {"distill_steps": self.distill_steps, "distill_norm": self.distill_norm}
         rank_zero_info(
-            f"EmulatorExport: distilled the emulator for {self.distill_steps} steps, normalised KD "
+            f"EmulatorExport: distilled the emulator for {self.distill_steps} steps, {self.distill_norm} KD "
             f"{self.distill_kd[0]:.3f} -> {self.distill_kd[1]:.3f}."
         )
 
@@ -309,7 +315,7 @@ def _regenerate(export: EmulatorExport, trainer: pl.Trainer, pl_module: pl.Light
     """Write the ScaleOT emulator of the same stage-1 run for another ``α``; return its folder."""
     knobs = EmulatorExport(
         f"{export.output_dir}_alpha{alpha:g}", export.adapter_layers, alpha, export.beta, export.beta_mlp,
-        export.distill_steps, export.distill_lr,
+        export.distill_steps, export.distill_lr, export.distill_norm,
     )  # fmt: skip
     emulator, plan, original = knobs.build(pl_module)
     knobs.distill(trainer.datamodule.train_dataloader(), emulator, plan, original)

@@ -39,6 +39,29 @@ def test_normalized_kd_loss_definition() -> None:
     torch.testing.assert_close(normalized_kd_loss(h_t, h_s), expected)
 
 
+def test_per_dim_kd_weighs_every_dimension_and_global_kd_is_dominated_by_massive_ones() -> None:
+    gen = torch.Generator().manual_seed(0)
+    h_t = torch.randn(2, 8, 16, generator=gen)
+    h_t[..., 0] += 300.0  # one massive-activation dimension, as in small decoders' residual streams
+    h_s = torch.zeros_like(h_t)
+    h_s[..., 0] = h_t[..., 0]  # the student matches only that dimension
+    assert normalized_kd_loss(h_t, h_t.clone(), norm="per_dim") == 0
+    assert float(normalized_kd_loss(h_t, h_s)) < 1e-3
+    rms = h_t.reshape(-1, 16).pow(2).mean(0).sqrt()
+    expected = ((h_t - h_s) / rms).pow(2).mean()
+    torch.testing.assert_close(normalized_kd_loss(h_t, h_s, norm="per_dim"), expected)
+    assert float(expected) > 0.9  # 15 of 16 dimensions unmatched
+    mask = torch.ones(2, 8)
+    mask[1, 5:] = 0
+    keep = mask.bool()
+    rms = h_t[keep].pow(2).mean(0).sqrt()
+    torch.testing.assert_close(
+        normalized_kd_loss(h_t, h_s, mask, norm="per_dim"), ((h_t[keep] - h_s[keep]) / rms).pow(2).mean()
+    )
+    with pytest.raises(ValueError, match="norm='rms'"):
+        normalized_kd_loss(h_t, h_s, norm="rms")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
 def test_kd_term_is_zero_for_a_full_emulator_and_positive_after_drop(name: str) -> None:
     model = load_model(name).eval()
@@ -154,6 +177,8 @@ def test_distill_emulator_lowers_kd_and_leaves_adapters_and_teacher_alone() -> N
         k: v.clone() for k, v in emulator.state_dict().items() if k.startswith(("model.layers.0.", "model.layers.2."))
     }
     first, last = distill_emulator(model, emulator, plan, [_batch(0), _batch(1)], steps=11, lr=3e-3)
+    per_dim = distill_emulator(model, build_emulator(model, plan), plan, [_batch(0)], 11, 3e-3, kd_norm="per_dim")
+    assert per_dim[1] < per_dim[0]
     assert last < first  # the same batch (0) on the first and the last of 11 steps
     assert all(torch.equal(model.state_dict()[k], v) for k, v in teacher_state.items())
     assert all(torch.equal(emulator.state_dict()[k], v) for k, v in adapters.items())

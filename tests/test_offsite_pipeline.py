@@ -133,6 +133,8 @@ def test_export_distils_the_built_emulator_towards_the_original(tmp_path, tiny_t
             assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="distill_steps=-1"):
         EmulatorExport("unused", distill_steps=-1)
+    with pytest.raises(ValueError, match="distill_norm='l2'"):
+        EmulatorExport("unused", distill_norm="l2")  # type: ignore[arg-type]
 
 
 def test_export_refuses_original_ffn_before_training(tiny_trainer) -> None:

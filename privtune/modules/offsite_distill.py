@@ -33,6 +33,7 @@ from privtune.emulator import (
     middle_parameters,
     uniform_drop_plan,
 )
+from privtune.emulator.distill import KDNorm
 from privtune.models import load_model, load_tokenizer, num_blocks, resolve_model
 from privtune.modules.optim import build_optimizer
 
@@ -56,6 +57,7 @@ class EmulatorDistillation(pl.LightningModule):
         calib_batches: GradOT calibration batches taken from the training loader.
         lm_weight: ``λ_lm``.
         kd_weight: ``λ_kd``.
+        kd_norm: ``global`` (Offsite-Tuning) or ``per_dim``; see :func:`~privtune.emulator.distill.normalized_kd_loss`.
         lr: learning rate of the emulator blocks.
         optimizer: optimizer factory (YAML); AdamW by default.
         weight_decay: weight decay of the default AdamW.
@@ -79,6 +81,7 @@ class EmulatorDistillation(pl.LightningModule):
         calib_batches: int = 4,
         lm_weight: float = 1.0,
         kd_weight: float = 30.0,
+        kd_norm: KDNorm = "global",
         lr: float = 1e-4,
         optimizer: OptimizerCallable | None = None,
         weight_decay: float = 0.0,
@@ -92,12 +95,14 @@ class EmulatorDistillation(pl.LightningModule):
             raise ValueError("`emulator_layers` is required for `method='uniform_drop'`.")
         if calib_batches < 1:
             raise ValueError(f"`calib_batches={calib_batches}` must be >= 1.")
+        if kd_norm not in ("global", "per_dim"):
+            raise ValueError(f"`kd_norm={kd_norm!r}` must be 'global' or 'per_dim'.")
         resolve_model(model)
         self.save_hyperparameters(ignore=["optimizer"])
         self.model_name = model
         self.method = method
         self.lr, self.weight_decay, self.optimizer_factory = lr, weight_decay, optimizer
-        self.lm_weight, self.kd_weight = lm_weight, kd_weight
+        self.lm_weight, self.kd_weight, self.kd_norm = lm_weight, kd_weight, kd_norm
         self.tokenizer = load_tokenizer(model)
         teacher = load_model(model).eval()
         teacher.requires_grad_(False)
@@ -144,7 +149,7 @@ class EmulatorDistillation(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = distillation_loss(
             self.original, self.emulator, self.plan, batch["input_ids"], batch["attention_mask"], batch["labels"],
-            self.lm_weight, self.kd_weight,
+            self.lm_weight, self.kd_weight, self.kd_norm,
         )  # fmt: skip
         n = batch["input_ids"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
