@@ -82,7 +82,9 @@ def main() -> None:
     parser.add_argument("--owner-steps", type=int, default=30, help="stage-1 / distillation steps")
     parser.add_argument("--warm-start-batches", type=int, default=16, help="ScaleOT harmonizer warm start")
     parser.add_argument("--distill-lr", type=float, default=1e-4, help="OT / scaleot_kd distillation lr")
-    parser.add_argument("--kd-norm", choices=["global", "per_dim"], default="global", help="KD normalisation")
+    parser.add_argument(
+        "--kd-norm", choices=["global", "per_dim", "global+per_dim"], default="global", help="KD normalisation"
+    )
     parser.add_argument("--steps", type=int, default=30, help="adapter-tuning steps")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--train-size", type=int, default=240)

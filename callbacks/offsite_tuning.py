@@ -59,8 +59,9 @@ class EmulatorExport(pl.Callback):
             ScaleOT ships its emulator without this step; privtune offers it because the harmonizers are trained
             with sampled, not final, replacement sets, and the final set is what the data owner tunes on.
         distill_lr: AdamW learning rate of that distillation.
-        distill_norm: normalisation of its KD term: ``global`` (Offsite-Tuning) or ``per_dim`` (each hidden dimension
-            by its own scale; see :func:`~privtune.emulator.distill.normalized_kd_loss`).
+        distill_norm: normalisation of its KD term: ``global`` (Offsite-Tuning), ``per_dim`` (each hidden dimension
+            by its own scale) or their sum, ``global+per_dim``; see
+            :func:`~privtune.emulator.distill.normalized_kd_loss`.
 
     Raises:
         ValueError: for knobs outside their ranges (at construction), or, in ``setup``, for an export that would
@@ -76,15 +77,15 @@ class EmulatorExport(pl.Callback):
         beta_mlp: float = 0.9,
         distill_steps: int = 0,
         distill_lr: float = 1e-4,
-        distill_norm: Literal["global", "per_dim"] = "global",
+        distill_norm: Literal["global", "per_dim", "global+per_dim"] = "global",
     ) -> None:
         problems = []
         if distill_steps < 0:
             problems.append(f"`distill_steps={distill_steps}` must be >= 0")
         if distill_lr <= 0:
             problems.append(f"`distill_lr={distill_lr}` must be > 0")
-        if distill_norm not in ("global", "per_dim"):
-            problems.append(f"`distill_norm={distill_norm!r}` must be 'global' or 'per_dim'")
+        if distill_norm not in ("global", "per_dim", "global+per_dim"):
+            problems.append(f"`distill_norm={distill_norm!r}` must be 'global', 'per_dim' or 'global+per_dim'")
         if not 0.0 <= alpha < 1.0:
             problems.append(f"`alpha={alpha}` (replaced fraction) must be in [0, 1)")
         for name, value in (("beta", beta), ("beta_mlp", beta_mlp)):

@@ -58,6 +58,8 @@ def test_per_dim_kd_weighs_every_dimension_and_global_kd_is_dominated_by_massive
     torch.testing.assert_close(
         normalized_kd_loss(h_t, h_s, mask, norm="per_dim"), ((h_t[keep] - h_s[keep]) / rms).pow(2).mean()
     )
+    both = normalized_kd_loss(h_t, h_s, norm="global+per_dim")
+    torch.testing.assert_close(both, normalized_kd_loss(h_t, h_s) + normalized_kd_loss(h_t, h_s, norm="per_dim"))
     with pytest.raises(ValueError, match="norm='rms'"):
         normalized_kd_loss(h_t, h_s, norm="rms")  # type: ignore[arg-type]
 

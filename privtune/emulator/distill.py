@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from privtune.emulator.plan import EmulatorPlan
 from privtune.models import base_model, get_blocks, unwrap
 
-KDNorm = Literal["global", "per_dim"]
+KDNorm = Literal["global", "per_dim", "global+per_dim"]
 
 
 def normalized_kd_loss(
@@ -36,14 +36,19 @@ def normalized_kd_loss(
     a few "massive activation" dimensions carry nearly all the energy of the residual stream (on SmolLM2-135M, 5 of
     576 dimensions hold 98 % of it at the top-adapter input), so the global loss can reach 0.02 while the other
     dimensions stay unmatched: the per-dimension loss of that emulator was 1.05, and a zero output scores 1.0.
-    The per-dimension loss weighs every dimension equally.
+    The per-dimension loss weighs every dimension equally, and so all but ignores the massive ones (which the
+    global loss matches); ``norm="global+per_dim"`` is the sum of the two.
 
     Args:
         h_teacher: ``[B, T, d]``.
         h_student: ``[B, T, d]``.
         mask: optional ``[B, T]`` attention mask; padded positions are left out of both means.
-        norm: ``global`` or ``per_dim``.
+        norm: ``global``, ``per_dim`` or ``global+per_dim``.
     """
+    if norm == "global+per_dim":
+        return normalized_kd_loss(h_teacher, h_student, mask, "global") + normalized_kd_loss(
+            h_teacher, h_student, mask, "per_dim"
+        )
     if mask is not None:
         keep = mask.bool()
         h_teacher, h_student = h_teacher[keep], h_student[keep]  # [N, d]
@@ -53,7 +58,7 @@ def normalized_kd_loss(
         flat = h_teacher.detach().reshape(-1, h_teacher.shape[-1])  # [N, d]
         rms = flat.pow(2).mean(0).sqrt().clamp_min(1e-8)  # [d]
     else:
-        raise ValueError(f"`norm={norm!r}` must be 'global' or 'per_dim'.")
+        raise ValueError(f"`norm={norm!r}` must be 'global', 'per_dim' or 'global+per_dim'.")
     return ((h_teacher - h_student) / rms).pow(2).mean()
 
 

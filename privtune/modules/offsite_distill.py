@@ -57,7 +57,8 @@ class EmulatorDistillation(pl.LightningModule):
         calib_batches: GradOT calibration batches taken from the training loader.
         lm_weight: ``λ_lm``.
         kd_weight: ``λ_kd``.
-        kd_norm: ``global`` (Offsite-Tuning) or ``per_dim``; see :func:`~privtune.emulator.distill.normalized_kd_loss`.
+        kd_norm: ``global`` (Offsite-Tuning), ``per_dim`` or ``global+per_dim``; see
+            :func:`~privtune.emulator.distill.normalized_kd_loss`.
         lr: learning rate of the emulator blocks.
         optimizer: optimizer factory (YAML); AdamW by default.
         weight_decay: weight decay of the default AdamW.
@@ -95,8 +96,8 @@ class EmulatorDistillation(pl.LightningModule):
             raise ValueError("`emulator_layers` is required for `method='uniform_drop'`.")
         if calib_batches < 1:
             raise ValueError(f"`calib_batches={calib_batches}` must be >= 1.")
-        if kd_norm not in ("global", "per_dim"):
-            raise ValueError(f"`kd_norm={kd_norm!r}` must be 'global' or 'per_dim'.")
+        if kd_norm not in ("global", "per_dim", "global+per_dim"):
+            raise ValueError(f"`kd_norm={kd_norm!r}` must be 'global', 'per_dim' or 'global+per_dim'.")
         resolve_model(model)
         self.save_hyperparameters(ignore=["optimizer"])
         self.model_name = model
