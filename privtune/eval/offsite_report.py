@@ -20,6 +20,7 @@ plain dicts in, JSON / Markdown / PNG out.
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,8 @@ def plot_sweep(sweep: list[dict[str, float]], path: str | Path, title: str = "")
         ax.annotate(f"α={r['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel("privacy gap Δ = plug-in − emulator FT (points)")
     ax.set_ylabel("plug-in accuracy (%)")
-    ax.set_title(title or "utility vs privacy gap")
+    ax.set_title(textwrap.fill(title or "utility vs privacy gap", 48), fontsize=9)  # long titles would be cut
+    ax.margins(0.15)  # room for the α labels
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
