@@ -27,11 +27,12 @@ from privtune import __version__
 from privtune.models.blocks import unwrap
 from privtune.shaking import KeySetting, ShakeKey, find_embedding, recover_model, shake_model, shaking_state
 from privtune.shaking.embedding import (
-    apply_vertical,
-    invert_vertical,
+    head_is_vertical,
     permute_rows,
     recover_embedding,
+    recover_head,
     shake_embedding,
+    shake_head,
     shaken_parameter_names,
     unpermute_rows,
 )
@@ -92,7 +93,9 @@ class EmbeddingShaking(Callback):
         key_path: the client's key file (read if it exists, else written when ``generate_key``).
         operators: enabled vertical operators for a new key (``addv``, ``inflate``, ``tilt``, ``dx-fixp``,
             ``gaussian``, ``laplace``).
-        chain_length: vertical steps of a new key (0: horizontal only).
+        chain_length: vertical steps of a new key (default 1, or ``len(chain)``; 0: horizontal only).
+        chain: an explicit operator sequence for a new key (e.g. ``[gaussian, gaussian]``, the form the
+            operator-setting search writes); each step then uses it instead of a random draw from ``operators``.
         scales: per-operator parameter overrides of a new key, e.g. ``{"gaussian": {"kappa": 0.5}}``.
         permute: draw a vocabulary permutation for a new key.
         pin: ``special`` keeps special-token ids fixed; ``none`` permutes them too.
@@ -101,7 +104,8 @@ class EmbeddingShaking(Callback):
         checkpoint_weights: what checkpoints hold.
         shake_batches: map plain batches to shaken ids before each step.
         freeze_shaken: freeze the shaken embedding and head (recommended: training them leaks ``pi``).
-        shake_lm_head_vertical: also apply the vertical chain to the head rows.
+        shake_lm_head_vertical: apply the vertical chain to the LM-head rows too (default). ``False`` keeps the
+            head's plain rows, permuted only, and then the head alone reveals ``pi`` to table matching.
         model_attr: attribute of the LightningModule holding the Hugging Face model (found if ``None``).
 
     Raises:
@@ -117,7 +121,7 @@ class EmbeddingShaking(Callback):
         self,
         key_path: str,
         operators: list[str] | None = None,
-        chain_length: int = 1,
+        chain_length: int | None = None,
         scales: dict[str, dict[str, float]] | None = None,
         permute: bool = True,
         pin: Literal["special", "none"] = "special",
@@ -126,8 +130,9 @@ class EmbeddingShaking(Callback):
         checkpoint_weights: Literal["shaken", "recovered"] = "shaken",
         shake_batches: bool = True,
         freeze_shaken: bool = True,
-        shake_lm_head_vertical: bool = False,
+        shake_lm_head_vertical: bool = True,
         model_attr: str | None = None,
+        chain: list[str] | None = None,
     ) -> None:
         super().__init__()
         errors = []
@@ -143,6 +148,7 @@ class EmbeddingShaking(Callback):
         self.setting = KeySetting(
             operators=tuple(operators or ("gaussian",)),
             chain_length=chain_length,
+            chain=tuple(chain or ()),
             scales={k: dict(v) for k, v in (scales or {}).items()},
             permute=permute,
             pin=pin,
@@ -289,8 +295,9 @@ class EmbeddingShaking(Callback):
     def _rewrite(self, state: dict[str, Tensor], pl_module: pl.LightningModule, direction: str, mode: str) -> None:
         """Recover (``direction="recover"``) or re-shake (``"shake"``) the tables inside a state dict."""
         names = shaken_parameter_names(self._model, pl_module)
-        head_vertical = bool(getattr(unwrap(self._model).config, "privtune_shaking_head_vertical", False))
         full = mode == "full"
+        head_vertical = full and head_is_vertical(self._model)
+        recover = direction == "recover"
         for kind, entries in names.items():
             for name in entries:
                 if name not in state:
@@ -299,15 +306,13 @@ class EmbeddingShaking(Callback):
                 if kind == "embedding":
                     new = (
                         recover_embedding(t, self.key, vertical=full)
-                        if direction == "recover"
+                        if recover
                         else (shake_embedding(t, self.key) if full else permute_rows(t, self.key))
                     )
-                elif direction == "recover":
-                    new = unpermute_rows(t, self.key)
-                    new = invert_vertical(new, self.key) if full and head_vertical and kind == "head" else new
-                else:
-                    new = apply_vertical(t, self.key) if full and head_vertical and kind == "head" else t
-                    new = permute_rows(new, self.key)
+                elif kind == "head":
+                    new = (recover_head if recover else shake_head)(t, self.key, vertical=head_vertical)
+                else:  # the head's bias is only permuted
+                    new = unpermute_rows(t, self.key) if recover else permute_rows(t, self.key)
                 state[name] = new.to(t.dtype).clone()
 
     @override

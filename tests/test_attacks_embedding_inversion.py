@@ -15,11 +15,12 @@ from privtune.attacks import (
     combined_attack,
     frequency_attack,
     hidden_states,
+    model_attack_report,
     recovery_rate,
     table_matching,
     token_counts,
 )
-from privtune.models import load_model, tiny_tokenizer
+from privtune.models import get_lm_head, load_model, tiny_tokenizer
 from privtune.shaking import KeySetting, ShakeKey, shake_embedding, shake_model
 
 SPECIALS = tiny_tokenizer().all_special_ids
@@ -86,6 +87,28 @@ def test_combined_attack_is_one_to_one_and_reports_the_maximum():
     assert set(report) == {"A1", "A2", "A3", "A4", "A"}
     assert report["A"]["top1"] == max(r["top1"] for k, r in report.items() if k != "A")
     assert report["A3"]["top1"] == 1.0  # distinct public frequencies give the permutation away
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_a_permute_only_head_gives_the_permutation_away(untied):
+    """The cloud holds the head too: strong noise on the embedding alone protects nothing."""
+    public = load_model("tiny-llama").eval()
+    if untied:
+        from privtune.shaking import untie_lm_head
+
+        untie_lm_head(public)
+    setting = KeySetting(operators=("gaussian",), chain_length=1, scales={"gaussian": {"kappa": 16.0}})
+    key = ShakeKey.generate(setting, public.get_input_embeddings().weight, pinned=SPECIALS, seed=4)
+    leaky, shaken = copy.deepcopy(public), copy.deepcopy(public)
+    shake_model(leaky, key, shake_lm_head_vertical=False)
+    shake_model(shaken, key)
+    leak = model_attack_report(leaky, public, key.inv_perm, known=SPECIALS, sample=None)
+    assert leak["embedding"]["A1"]["top1"] < 0.2  # the noisy input table alone looks safe...
+    assert leak["head"]["A1"]["top1"] == 1.0 and leak["A"] == {"top1": 1.0, "table": "head"}  # ...the head is not
+    safe = model_attack_report(shaken, public, key.inv_perm, known=SPECIALS, sample=None)
+    assert set(safe) == ({"embedding", "head", "A"} if untied else {"embedding", "A"})  # a tied head is one table
+    assert safe["A"]["top1"] < 0.2
+    assert get_lm_head(shaken).weight.shape == get_lm_head(public).weight.shape
 
 
 def test_learned_inversion_reads_shaken_hidden_states():

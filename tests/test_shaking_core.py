@@ -16,6 +16,7 @@ from privtune.shaking import (
     apply_vertical,
     available_operators,
     find_embedding,
+    head_is_vertical,
     invert_vertical,
     is_tied,
     recover_embedding,
@@ -53,7 +54,24 @@ def test_key_round_trip_regenerates_identical_tensors(tmp_path):
     assert torch.equal(again.perm, key.perm)
     for i in range(len(key.ops)):
         assert torch.equal(again.op_state(i), key.op_state(i))
+        assert torch.equal(again.op_state(i, "head"), key.op_state(i, "head"))
+        assert not torch.equal(key.op_state(i, "head"), key.op_state(i))  # an independent draw
+    with pytest.raises(ValueError, match="stream='lm'"):
+        key.op_state(0, "lm")
     assert ShakeKey.from_dict(json.loads(json.dumps(key.to_dict()))) == key
+
+
+def test_explicit_chain_fixes_the_operators_of_every_key():
+    setting = KeySetting(chain=("laplace", "tilt", "laplace"), scales={"laplace": {"kappa": 2.0}})
+    assert setting.chain_length == 3 and setting.operators == ("laplace", "tilt")
+    for seed in range(4):
+        key = ShakeKey.generate(setting, _table(), seed=seed)
+        assert [s.name for s in key.ops] == ["laplace", "tilt", "laplace"]
+        assert key.ops[0].params["kappa"] == 2.0
+    with pytest.raises(ValueError, match="chain_length=2.*disagrees"):
+        KeySetting(chain=("gaussian",), chain_length=2)
+    with pytest.raises(ValueError, match="Unknown shaking operator 'swirl'"):
+        KeySetting(chain=("gaussian", "swirl"))
 
 
 def test_key_repr_and_describe_hide_the_seed():
@@ -197,20 +215,23 @@ def test_horizontal_shaking_of_an_encoder_classifier():
         assert torch.equal(model(key.encode_ids(ids)).logits, ref)
 
 
-def test_vertical_shaking_unties_and_full_recovery_restores():
+def _vertical_key(model, seed: int = 5) -> ShakeKey:
+    setting = KeySetting(operators=tuple(OPS), chain_length=3)
+    return ShakeKey.generate(setting, model.get_input_embeddings().weight, pinned=SPECIALS, seed=seed)
+
+
+def test_vertical_shaking_keeps_a_tied_head_tied_and_full_recovery_restores():
     model = load_model("tiny-llama").eval()
     assert is_tied(model)
     original = copy.deepcopy(model)
-    key = ShakeKey.generate(
-        KeySetting(operators=tuple(OPS), chain_length=3), model.get_input_embeddings().weight, pinned=SPECIALS, seed=5
-    )
+    key = _vertical_key(model)
     ids = _ids()
     with torch.no_grad():
         ref = original(ids).logits
         shake_model(model, key)
-        assert not is_tied(model) and model.config.tie_word_embeddings is False
-        # the head carries the permutation only
-        assert torch.equal(get_lm_head(model).weight, get_lm_head(original).weight[key.inv_perm])
+        # one table: the head carries exactly the embedding's shaken rows (no second, averageable noise draw)
+        assert is_tied(model) and head_is_vertical(model)
+        assert not torch.equal(get_lm_head(model).weight, get_lm_head(original).weight[key.inv_perm])
         shaken_logits = key.plain_logits(model(key.encode_ids(ids)).logits)
         assert not torch.allclose(shaken_logits, ref, atol=1e-3)  # vertical noise changes the function
         recover_model(model, key, "full")
@@ -218,12 +239,45 @@ def test_vertical_shaking_unties_and_full_recovery_restores():
         assert torch.allclose(model(ids).logits, ref, atol=1e-4)
 
 
+def test_untied_head_gets_its_own_noise_and_full_recovery_restores_both():
+    model = load_model("tiny-llama").eval()
+    untie_lm_head(model)
+    with torch.no_grad():  # make head and embedding differ, as in a model trained untied
+        get_lm_head(model).weight.mul_(1.5).add_(0.01)
+    original = copy.deepcopy(model)
+    key = _vertical_key(model)
+    with torch.no_grad():
+        shake_model(model, key)
+    emb, head = model.get_input_embeddings().weight, get_lm_head(model).weight
+    plain_diff = (original.get_input_embeddings().weight - get_lm_head(original).weight)[key.inv_perm]
+    # with the embedding's own draw the noise would cancel in E_s - W_s and expose pi to table matching
+    assert not torch.allclose(emb - head, plain_diff, atol=1e-3)
+    assert not torch.allclose(head, get_lm_head(original).weight[key.inv_perm], atol=1e-3)
+    with torch.no_grad():
+        recover_model(model, key, "full")
+    assert _rel(get_lm_head(model).weight, get_lm_head(original).weight) <= 1e-5
+    assert _rel(model.get_input_embeddings().weight, original.get_input_embeddings().weight) <= 1e-5
+
+
+def test_permute_only_head_is_untied_and_keeps_the_plain_rows():
+    model = load_model("tiny-llama").eval()
+    original = copy.deepcopy(model)
+    key = _vertical_key(model)
+    with torch.no_grad():
+        shake_model(model, key, shake_lm_head_vertical=False)
+    assert not is_tied(model) and model.config.tie_word_embeddings is False and not head_is_vertical(model)
+    assert torch.equal(get_lm_head(model).weight, get_lm_head(original).weight[key.inv_perm])
+    with torch.no_grad():
+        recover_model(model, key, "full")
+    assert torch.equal(get_lm_head(model).weight, get_lm_head(original).weight)
+
+
 def test_untied_model_survives_save_and_reload(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = load_model("tiny-llama")
     key = ShakeKey.generate(KeySetting(chain_length=1), model.get_input_embeddings().weight, seed=5)
-    shake_model(model, key)
+    shake_model(model, key, shake_lm_head_vertical=False)  # unties the head
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not is_tied(again)

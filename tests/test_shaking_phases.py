@@ -121,6 +121,13 @@ def test_search_front_and_choice(tmp_path):
     written = write_setting_config(best.candidate.setting, template, tmp_path / "chosen.yaml", comment="chosen")
     text = written.read_text()
     assert "chain_length: 2" in text and "key_path: k.json" in text and "seed" not in text
+    # a candidate is an explicit chain: every key drawn from the chosen setting has the chain its trials measured
+    chain = best.candidate.setting.chain
+    assert len(chain) == 2 and "chain:" in text
+    table = torch.randn(64, 8)
+    for secret in range(5):
+        key = ShakeKey.generate(best.candidate.setting, table, seed=secret)
+        assert tuple(step.name for step in key.ops) == chain
     with pytest.raises(ValueError, match="tau_attack"):
         run_search(trial, cands, tau_attack=2)
 

@@ -13,11 +13,13 @@ from privtune.attacks.embedding_inversion import (
     fit_alignment,
     frequency_attack,
     hidden_states,
+    model_attack_report,
     nearest_rows,
     recovery_rate,
     standardize,
     table_matching,
     token_counts,
+    vocabulary_tables,
 )
 
 __all__ = [
@@ -29,9 +31,11 @@ __all__ = [
     "fit_alignment",
     "frequency_attack",
     "hidden_states",
+    "model_attack_report",
     "nearest_rows",
     "recovery_rate",
     "standardize",
     "table_matching",
     "token_counts",
+    "vocabulary_tables",
 ]

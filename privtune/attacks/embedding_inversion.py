@@ -15,6 +15,10 @@ but not the key. The attack designs are a reconstruction:
 * **A4 combined** (:func:`combined_attack`): similarity plus a frequency prior as the score of a one-to-one
   assignment. A Hungarian assignment over ``V = 49,152`` is out of reach (``V^2`` scores), so A4 assigns
   greedily over each row's top-``k`` candidates, best score first (a documented approximation).
+* **Every table the cloud holds** (:func:`model_attack_report`): A1-A4 run against the input embedding and,
+  when it is a tensor of its own, the LM head (against the public head), and ``A`` is the maximum over
+  both. A head that is only permuted is the public table re-indexed, so it gives ``pi`` away whatever
+  noise the embedding carries: attacking the embedding alone would overstate the privacy.
 * **Learned inversion** (:class:`InversionProbe`): a linear decoder from hidden states to token ids,
   trained on the public model's hidden states of public text (Song & Raghunathan, arXiv 2004.00053) and
   applied to the shaken model's hidden states of private traffic. Awareness recovery trains exactly
@@ -30,6 +34,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from privtune.models.blocks import get_lm_head, unwrap
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -299,6 +305,47 @@ def attack_report(
         report["A4"] = recovery_rate(guess, target, weights)
     report["A"] = {"top1": max(r["top1"] for r in report.values())}
     return report
+
+
+def vocabulary_tables(model: nn.Module) -> dict[str, Tensor]:
+    """The vocabulary tables ``[V, d]`` of a Hugging Face model: ``embedding`` and, if untied, ``head``."""
+    hf = unwrap(model)
+    emb = hf.get_input_embeddings().weight
+    tables = {"embedding": emb.detach()}
+    head = get_lm_head(hf)
+    if head is not None and head.weight is not emb and head.weight.shape == emb.shape:
+        tables["head"] = head.weight.detach()
+    return tables
+
+
+def model_attack_report(
+    shaken_model: nn.Module,
+    public_model: nn.Module,
+    truth: Tensor,
+    **kwargs,
+) -> dict[str, dict]:
+    """:func:`attack_report` against every vocabulary table of ``shaken_model`` that the cloud holds.
+
+    The shaken embedding is attacked with the public embedding; a separate shaken head with the public
+    head (the public embedding when the public model ties them). A tied shaken head is the embedding itself
+    and is not attacked twice.
+
+    Args:
+        shaken_model: the model the cloud holds.
+        public_model: the public base model.
+        truth: ``[V]`` true plain id of every shaken row (``pi^-1``; evaluation only).
+        **kwargs: passed to :func:`attack_report` (``known``, counts, ``sample``, ``seed``).
+
+    Returns:
+        ``{"embedding": report, "head": report (if untied), "A": {"top1": max over tables, "table": which}}``.
+    """
+    public = vocabulary_tables(public_model)
+    out: dict[str, dict] = {}
+    for name, table in vocabulary_tables(shaken_model).items():
+        out[name] = attack_report(table, public.get(name, public["embedding"]), truth, **kwargs)
+    worst = max(out, key=lambda name: out[name]["A"]["top1"])
+    out["A"] = {"top1": out[worst]["A"]["top1"], "table": worst}
+    return out
 
 
 class EmbeddingRegressionProbe:

@@ -5,11 +5,23 @@ whose token space it cannot read. With ``E`` ``[V, d]`` the input embedding, ``W
 ``pi`` the key's permutation and ``Vert`` its vertical chain (spec §2.2)::
 
     E_s[pi(t)] = Vert(E)[t]        i.e.  E_s = Vert(E)[pi^-1]
-    W_s[pi(t)] = W[t]              (the head gets the permutation only, by default)
+    W_s[pi(t)] = Vert'(W)[t]       (default; Vert' = Vert for a tied head, an independent draw otherwise)
 
 Horizontal shaking alone is lossless: lookup and head rows are only re-indexed, so the shaken model on
-``pi(x)`` gives the plain logits permuted. A tied head is untied (``W`` cloned into its own parameter) before
-a vertical chain is applied, because the head must not receive the vertical noise.
+``pi(x)`` gives the plain logits permuted.
+
+**The head is shaken vertically by default** (decision; the spec's default was the permutation only). The
+cloud holds the head too, and a head that is only permuted is the public table re-indexed: nearest-neighbour
+matching of its rows against the public ``W`` (for a tied model, ``E`` itself) recovers ``pi`` completely,
+whatever noise the input table carries (measured: A1 top-1 100 % on SmolLM2, docs/shaking.md). So:
+
+* tied model: ``E`` and ``W`` stay one table, shaken once, so the head carries exactly the embedding's noise
+  (no untying, no extra parameters);
+* untied model: the head gets an independent draw of the chain (the key's ``head`` stream). The same draw
+  would cancel in ``E_s - W_s = (E - W)[pi^-1]``, which the public ``E - W`` matches.
+
+``shake_lm_head_vertical=False`` keeps the head permuted only (untying a tied head first): the model keeps its
+plain output rows, and the key then hides nothing from an attacker who reads the head.
 
 Recovery (spec §3.5) is ``horizontal`` (inverse permutation: exact and function-preserving, the vertical
 perturbation stays baked in) or ``full`` (also ``Vert^-1``: exact on an untrained table; after training it
@@ -27,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from privtune.models.blocks import get_lm_head, unwrap
-from privtune.shaking.key import ShakeKey
+from privtune.shaking.key import ShakeKey, Stream
 from privtune.shaking.operators import get_operator
 
 RecoveryMode = Literal["none", "horizontal", "full"]
@@ -37,19 +49,22 @@ STATE_ATTR = "privtune_shaking"
 
 
 # ---------------------------------------------------------------------------------------------- tables
-def apply_vertical(table: Tensor, key: ShakeKey) -> Tensor:
-    """``Vert(E)``: the key's operator chain, step by step, computed in float64 and cast back."""
+def apply_vertical(table: Tensor, key: ShakeKey, stream: Stream = "embedding") -> Tensor:
+    """``Vert(E)``: the key's operator chain, step by step, computed in float64 and cast back.
+
+    ``stream`` selects the key tensors: the embedding's, or the independent draw for an untied head.
+    """
     out = table.detach().double()
     for index, step in enumerate(key.ops):
-        out = get_operator(step.name).apply(out, key.op_state(index))
+        out = get_operator(step.name).apply(out, key.op_state(index, stream))
     return out.to(table.dtype)
 
 
-def invert_vertical(table: Tensor, key: ShakeKey) -> Tensor:
-    """``Vert^-1(E')``: the inverse chain ``op_1^-1 o ... o op_n^-1``."""
+def invert_vertical(table: Tensor, key: ShakeKey, stream: Stream = "embedding") -> Tensor:
+    """``Vert^-1(E')``: the inverse chain ``op_1^-1 o ... o op_n^-1`` (of the same ``stream``)."""
     out = table.detach().double()
     for index in reversed(range(len(key.ops))):
-        out = get_operator(key.ops[index].name).invert(out, key.op_state(index))
+        out = get_operator(key.ops[index].name).invert(out, key.op_state(index, stream))
     return out.to(table.dtype)
 
 
@@ -79,6 +94,21 @@ def permute_rows(weight: Tensor, key: ShakeKey) -> Tensor:
 def unpermute_rows(weight: Tensor, key: ShakeKey) -> Tensor:
     """``W = W_s[pi]``."""
     return weight.detach().index_select(0, key.perm.to(weight.device))
+
+
+def shake_head(weight: Tensor, key: ShakeKey, *, vertical: bool) -> Tensor:
+    """The shaken rows of an untied LM head ``[V, d]``: ``Vert'(W)[pi^-1]`` (``vertical``) or ``W[pi^-1]``.
+
+    ``Vert'`` is the key's chain drawn from its ``head`` stream, independent of the embedding's.
+    """
+    rows = apply_vertical(weight, key, stream="head") if vertical and key.is_vertical else weight.detach()
+    return permute_rows(rows, key)
+
+
+def recover_head(weight: Tensor, key: ShakeKey, *, vertical: bool) -> Tensor:
+    """Inverse of :func:`shake_head`: ``Vert'^-1(W_s[pi])`` (``vertical=False``: permutation only)."""
+    rows = unpermute_rows(weight, key)
+    return invert_vertical(rows, key, stream="head") if vertical and key.is_vertical else rows
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -135,18 +165,25 @@ def _set_state(model: nn.Module, state: str) -> None:
     setattr(unwrap(model).config, STATE_ATTR, state)
 
 
+def head_is_vertical(model: nn.Module) -> bool:
+    """Whether the shaken model's LM head carries the vertical chain (recorded by :func:`shake_model`)."""
+    return bool(getattr(unwrap(model).config, STATE_ATTR + "_head_vertical", False))
+
+
 @torch.no_grad()
-def shake_model(model: nn.Module, key: ShakeKey, *, shake_lm_head_vertical: bool = False) -> None:
+def shake_model(model: nn.Module, key: ShakeKey, *, shake_lm_head_vertical: bool = True) -> None:
     """Shake ``model`` in place: input embedding ``E -> E_s`` and LM-head rows ``W -> W_s`` (spec §2.2).
 
-    The parameters keep their identity (values are copied in), so optimizers built before stay valid. A tied
-    head is untied first when the key has a vertical chain; a horizontal-only key keeps the tie (permuting
-    the shared table permutes both). Sequence-classification models have no LM head: only ``E`` is shaken.
+    The parameters keep their identity (values are copied in), so optimizers built before stay valid. With a
+    vertical chain and ``shake_lm_head_vertical`` (default), a tied head stays tied and shares the shaken
+    rows, and an untied head gets its own draw of the chain; with ``shake_lm_head_vertical=False`` a tied
+    head is untied first and only permuted (see the module docstring: that head reveals ``pi``).
+    Sequence-classification models have no LM head: only ``E`` is shaken.
 
     Args:
         model: a Hugging Face model (optionally inside a peft wrapper).
         key: the shaking key (its vocabulary size must equal the embedding's row count).
-        shake_lm_head_vertical: also apply the vertical chain to the head rows (default ``False``).
+        shake_lm_head_vertical: apply the vertical chain to the head rows too (default ``True``).
 
     Raises:
         ValueError: if the embedding cannot be found, the key does not fit it, or the model is already shaken.
@@ -158,17 +195,16 @@ def shake_model(model: nn.Module, key: ShakeKey, *, shake_lm_head_vertical: bool
     head = get_lm_head(model)
     if head is not None and head.weight.shape[0] != key.vocab_size:
         raise ValueError(f"The LM head has {head.weight.shape[0]} rows but the key has {key.vocab_size} ids.")
-    if key.is_vertical:
-        untie_lm_head(model)
-    tied = is_tied(model)
-    emb.weight.copy_(shake_embedding(emb.weight, key))
-    if head is not None and not tied:
-        rows = apply_vertical(head.weight, key) if shake_lm_head_vertical and key.is_vertical else head.weight
-        head.weight.copy_(permute_rows(rows, key))
+    head_vertical = head is not None and shake_lm_head_vertical and key.is_vertical
+    if key.is_vertical and not head_vertical:
+        untie_lm_head(model)  # the head keeps the plain rows, so it needs its own tensor
+    emb.weight.copy_(shake_embedding(emb.weight, key))  # a tied head is this very table
+    if head is not None and not is_tied(model):
+        head.weight.copy_(shake_head(head.weight, key, vertical=head_vertical))
         if getattr(head, "bias", None) is not None:
             head.bias.copy_(permute_rows(head.bias, key))
     _set_state(model, "shaken")
-    setattr(unwrap(model).config, STATE_ATTR + "_head_vertical", bool(shake_lm_head_vertical and key.is_vertical))
+    setattr(unwrap(model).config, STATE_ATTR + "_head_vertical", head_vertical)
 
 
 @torch.no_grad()
@@ -191,14 +227,10 @@ def recover_model(model: nn.Module, key: ShakeKey, mode: RecoveryMode = "horizon
     emb = find_embedding(model)
     key.check_table(emb.weight.shape[0], emb.weight.shape[1])
     head = get_lm_head(model)
-    tied = is_tied(model)
     vertical = mode == "full"
     emb.weight.copy_(recover_embedding(emb.weight, key, vertical=vertical))
-    if head is not None and not tied:
-        rows = unpermute_rows(head.weight, key)
-        if vertical and getattr(unwrap(model).config, STATE_ATTR + "_head_vertical", False):
-            rows = invert_vertical(rows, key)
-        head.weight.copy_(rows)
+    if head is not None and not is_tied(model):
+        head.weight.copy_(recover_head(head.weight, key, vertical=vertical and head_is_vertical(model)))
         if getattr(head, "bias", None) is not None:
             head.bias.copy_(unpermute_rows(head.bias, key))
     _set_state(model, f"recovered-{mode}")

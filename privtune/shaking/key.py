@@ -34,6 +34,9 @@ KEY_VERSION = 1
 Pin = Literal["special", "none"]
 NoiseMode = Literal["fixed"]
 _PINS = ("special", "none")
+#: independent tensor streams of one key: the input embedding's and an untied LM head's
+Stream = Literal["embedding", "head"]
+STREAMS = ("embedding", "head")
 
 
 def _derive_seed(secret: str, label: str) -> int:
@@ -59,7 +62,12 @@ class KeySetting:
 
     Attributes:
         operators: the enabled operator set; each chain step draws one uniformly (spec §2.1).
-        chain_length: ``vsn``, the number of vertical steps (0: horizontal only).
+        chain_length: ``vsn``, the number of vertical steps (0: horizontal only); default 1, or ``len(chain)``.
+        chain: an explicit operator sequence ``op_1, ..., op_n`` (applied in this order). When given, every key
+            drawn from the setting has this chain and only its tensors are random; ``operators`` becomes the
+            chain's distinct names. The operator-setting search uses it (decision): with random draws one
+            setting gives keys of different strength (``{dx-fixp, tilt}``, one step, is sometimes a tilt
+            that hides nothing), so a trial's attack figure would not hold for the key a user then draws.
         scales: per-operator parameter overrides, e.g. ``{"gaussian": {"kappa": 0.3}}``.
         permute: whether to draw a horizontal permutation (``False``: identity, vertical only).
         pin: ``special`` keeps special-token ids fixed under ``pi`` (anchors for an attacker, but stop and
@@ -69,13 +77,25 @@ class KeySetting:
     """
 
     operators: tuple[str, ...] = ("gaussian",)
-    chain_length: int = 1
+    chain_length: int | None = None
     scales: dict[str, dict[str, float]] = field(default_factory=dict)
     permute: bool = True
     pin: str = "special"
     noise_mode: str = "fixed"
+    chain: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "chain", tuple(self.chain))
+        if self.chain:
+            if self.chain_length is not None and self.chain_length != len(self.chain):
+                raise ValueError(
+                    f"`chain_length={self.chain_length}` disagrees with `chain={list(self.chain)}` "
+                    f"({len(self.chain)} steps); give one of them."
+                )
+            object.__setattr__(self, "chain_length", len(self.chain))
+            object.__setattr__(self, "operators", tuple(dict.fromkeys(self.chain)))
+        elif self.chain_length is None:
+            object.__setattr__(self, "chain_length", 1)
         object.__setattr__(self, "operators", tuple(self.operators))
         for name in (*self.operators, *self.scales):
             get_operator(name)  # raises on an unknown name
@@ -136,7 +156,7 @@ class ShakeKey:
         self.version = version
         self._perm: Tensor | None = None
         self._inv: Tensor | None = None
-        self._states: dict[int, Tensor] = {}
+        self._states: dict[tuple[int, str], Tensor] = {}
 
     # ------------------------------------------------------------------ generation and serialisation
     @classmethod
@@ -160,8 +180,11 @@ class ShakeKey:
         vocab_size, dim = table.shape
         chooser = torch.Generator().manual_seed(_derive_seed(secret, "chain"))
         ops = []
-        for _ in range(setting.chain_length):
-            name = setting.operators[int(torch.randint(len(setting.operators), (1,), generator=chooser))]
+        for step in range(setting.chain_length):
+            if setting.chain:
+                name = setting.chain[step]
+            else:
+                name = setting.operators[int(torch.randint(len(setting.operators), (1,), generator=chooser))]
             ops.append(OpStep(name, dict(setting.scales.get(name, {}))))
         return cls(
             secret=secret,
@@ -310,14 +333,22 @@ class ShakeKey:
         assert self._inv is not None
         return self._inv
 
-    def op_state(self, index: int) -> Tensor:
-        """The float64 key tensor of chain step ``index`` (regenerated from the seed, then cached)."""
-        if index not in self._states:
+    def op_state(self, index: int, stream: Stream = "embedding") -> Tensor:
+        """The float64 key tensor of chain step ``index`` (regenerated from the seed, then cached).
+
+        ``stream="head"`` draws an independent tensor of the same operator for an untied LM head. Sharing the
+        embedding's noise would let the cloud cancel it: ``E_s - W_s = (E - W)[pi^-1]`` for additive noise,
+        which table matching against the public ``E - W`` undoes.
+        """
+        if stream not in STREAMS:
+            raise ValueError(f"`stream={stream!r}` is not a key stream; allowed: {', '.join(STREAMS)}.")
+        if (index, stream) not in self._states:
             step = self.ops[index]
-            gen = torch.Generator().manual_seed(_derive_seed(self._secret, f"op{index}:{step.name}"))
+            label = f"op{index}:{step.name}" if stream == "embedding" else f"{stream}:op{index}:{step.name}"
+            gen = torch.Generator().manual_seed(_derive_seed(self._secret, label))
             op = get_operator(step.name)
-            self._states[index] = op.draw(gen, (self.vocab_size, self.dim), self.stats, step.params)
-        return self._states[index]
+            self._states[(index, stream)] = op.draw(gen, (self.vocab_size, self.dim), self.stats, step.params)
+        return self._states[(index, stream)]
 
     def clear_cache(self) -> None:
         """Drop the cached tensors (operator noise can be ``V x d`` float64 per step)."""

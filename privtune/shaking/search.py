@@ -4,7 +4,9 @@ CypherTalk (arXiv 2403.07283) reports "reliable accuracy with optimized shaking 
 sweep over settings. privtune reads "self-adaptive" as a search (spec §4, a reconstruction):
 
 1. candidates: ``budget`` settings sampled from a :class:`SearchSpace` plus two references, no shaking and
-   horizontal only;
+   horizontal only. A candidate is an explicit operator chain with its scales (``KeySetting.chain``), so
+   every key drawn from the chosen setting has the chain its trials measured (decision: with a random draw
+   per step, one enabled set gives keys of different strength);
 2. each candidate runs a short trial per seed (a caller-supplied function: key generation, a short
    implantation, brief tuning) that returns utility ``U`` (higher is better), attack success ``A`` (max
    top-1 recovery over the attacks, lower is better) and cost ``C`` (seconds, lower is better);
@@ -90,18 +92,17 @@ def sample_candidates(space: SearchSpace, budget: int, seed: int = 0) -> list[Ca
     seen: set[str] = set()
     while len(out) < budget + 2 and len(seen) < 10_000:
         ops = tuple(sorted(rng.sample(space.operators, rng.randint(1, min(2, len(space.operators))))))
-        chain = rng.choice([n for n in space.chain_lengths if n > 0] or [1])
-        scales = {op: {space.grid[op][0]: rng.choice(space.grid[op][1])} for op in ops}
+        length = rng.choice([n for n in space.chain_lengths if n > 0] or [1])
+        chain = tuple(rng.choice(ops) for _ in range(length))
+        scales = {op: {space.grid[op][0]: rng.choice(space.grid[op][1])} for op in dict.fromkeys(chain)}
         pin, steps = rng.choice(space.pins), rng.choice(space.implant_steps)
-        name = f"{'+'.join(ops)}|n={chain}|" + ",".join(
-            f"{op}.{k}={v:g}" for op, p in scales.items() for k, v in p.items()
-        )
+        name = ">".join(chain) + "|" + ",".join(f"{op}.{k}={v:g}" for op, p in scales.items() for k, v in p.items())
         name += f"|pin={pin}|steps={steps}"
         if name in seen:
             seen.add(name + "#")
             continue
         seen.add(name)
-        out.append(Candidate(name, KeySetting(operators=ops, chain_length=chain, scales=scales, pin=pin), steps))
+        out.append(Candidate(name, KeySetting(chain=chain, scales=scales, pin=pin), steps))
     return out
 
 
@@ -204,6 +205,7 @@ def callback_init_args(setting: KeySetting) -> dict:
     return {
         "operators": list(setting.operators),
         "chain_length": setting.chain_length,
+        **({"chain": list(setting.chain)} if setting.chain else {}),
         "scales": {k: dict(v) for k, v in setting.scales.items()},
         "pin": setting.pin,
         "permute": setting.permute,
