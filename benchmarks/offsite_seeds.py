@@ -1,14 +1,22 @@
-"""The five offsite-tuning settings over several seeds, on one exported emulator: mean ± std.
+"""The five offsite-tuning settings over several seeds, for one or more emulators side by side: mean ± std.
 
 One seed of 200 test examples leaves about ±7 points of noise on each accuracy, which hides every difference the
-papers' targets are about. This reruns the data owner's side (task split, adapter tuning on the emulator, plug-in)
-and the full-model baselines for each seed on the same emulator artifact, and aggregates. The owner's side (stage 1,
-emulator generation) runs once, e.g. ``make train``, and is not repeated.
+papers' targets are about. For each seed this draws a new task split (train and test), measures full zero-shot and
+full fine-tuning of the adapter blocks once, and then, for every emulator arm, the data owner's side (emulator
+zero-shot, adapter tuning on the emulator, plug-in). Arms share the seed's split, so their differences are paired.
+Every arm has Offsite-Tuning's 2 + 2 adapter blocks (0, 1, L-2, L-1), the blocks full fine-tuning tunes.
+The owner's side (stage 1, emulator generation) runs once beforehand, e.g. ``make train``, and is not repeated.
+
+Arms:
+
+* ``--emulator NAME=DIR``: an exported emulator artifact (ScaleOT, OT + KD, GradOT), repeatable;
+* ``--uniform-drop K``: Offsite-Tuning's undistilled 2-K-2 uniform layer drop, built in process (it holds original
+  blocks, so it is never exported).
 
 Run::
 
-    HF_HUB_OFFLINE=1 python benchmarks/offsite_seeds.py --emulator-dir runs/default/emulator --seeds 0 1 2 \
-        --out runs/offsite_seeds
+    HF_HUB_OFFLINE=1 python benchmarks/offsite_seeds.py --emulator scaleot=runs/default/emulator \
+        --uniform-drop 13 --seeds 0 1 2 --test-size 400 --out runs/offsite_seeds
 """
 
 from __future__ import annotations
@@ -19,14 +27,47 @@ import statistics
 from pathlib import Path
 
 from privtune.emulator import read_plan
-from privtune.modules.offsite_pipeline import PipelineSettings, run_data_owner_and_evaluation
+from privtune.eval.offsite_report import privacy_gap
+from privtune.modules import TextClassifier
+from privtune.modules.offsite_pipeline import PipelineSettings, _fit, _test, make_datamodule, tune_emulator_and_plug_in
 
-SETTINGS = ("full_zs", "emulator_zs", "ft", "emulator_ft", "plug_in")
+ARM_SETTINGS = ("emulator_zs", "emulator_ft", "plug_in", "gap")
+
+
+def _arms(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, tuple[str | None, int | None]]:
+    """``{name: (emulator_dir, uniform_drop_layers)}``, checked before any work."""
+    arms: dict[str, tuple[str | None, int | None]] = {}
+    for spec in args.emulator:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name:
+            parser.error(f"--emulator={spec!r}: write NAME=DIR, e.g. scaleot=runs/default/emulator")
+        if not (Path(folder) / "emulator_plan.json").is_file():
+            parser.error(f"--emulator={spec!r}: {folder!r} is not an emulator artifact (no emulator_plan.json)")
+        plan = read_plan(folder)
+        if (plan.adapter_bottom, plan.adapter_top) != (2, 2):
+            parser.error(f"--emulator={spec!r}: adapters {plan.adapter_bottom}+{plan.adapter_top}; the FT baseline "
+                         "here tunes blocks 0, 1, L-2, L-1, so every arm needs 2+2 adapters")  # fmt: skip
+        arms[name] = (folder, None)
+    if args.uniform_drop is not None:
+        if args.uniform_drop < 1:
+            parser.error(f"--uniform-drop={args.uniform_drop}: give the number of kept middle blocks (>= 1)")
+        arms[f"ot_drop_2-{args.uniform_drop}-2"] = (None, args.uniform_drop)
+    if not arms:
+        parser.error("give at least one arm: --emulator NAME=DIR and/or --uniform-drop K")
+    if len(set(args.seeds)) < 2:
+        parser.error(f"--seeds={args.seeds}: give at least two different seeds")
+    return arms
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--emulator-dir", required=True, help="an emulator artifact (from EmulatorExport)")
+    parser.add_argument("--emulator", action="append", default=[], metavar="NAME=DIR", help="an emulator artifact")
+    parser.add_argument("--uniform-drop", type=int, default=None, metavar="K", help="also OT's 2-K-2 layer drop")
+    parser.add_argument("--model", default=None, help="base model (default: the first artifact's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--task", default="tweets")
     parser.add_argument("--train-size", type=int, default=240)
@@ -38,41 +79,60 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--out", default="runs/offsite_seeds")
     args = parser.parse_args()
-    if not (Path(args.emulator_dir) / "emulator_plan.json").is_file():
-        parser.error(f"--emulator-dir={args.emulator_dir!r} is not an emulator artifact (no emulator_plan.json)")
-    if len(set(args.seeds)) < 2:
-        parser.error(f"--seeds={args.seeds}: give at least two different seeds")
-    model = read_plan(args.emulator_dir).base_model
+    arms = _arms(parser, args)
+    folders = [folder for folder, _ in arms.values() if folder is not None]
+    model = args.model or (read_plan(folders[0]).base_model if folders else "smollm2-135m-instruct")
 
     out = Path(args.out)
-    per_seed: dict[int, dict[str, float]] = {}
+    per_seed: dict[int, dict] = {}
     for seed in args.seeds:
         settings = PipelineSettings(
             output_dir=str(out / f"seed{seed}"), task=args.task, train_size=args.train_size, val_size=args.val_size,
             test_size=args.test_size, max_length=args.max_length, batch_size=args.batch_size, max_steps=args.steps,
             lr=args.lr, seed=seed,
         )  # fmt: skip
-        report = run_data_owner_and_evaluation(settings, model, args.emulator_dir)
-        row = {name: 100 * report["settings"][name]["acc"] for name in SETTINGS}
-        row["gap"] = row["plug_in"] - row["emulator_ft"]
+        data = make_datamodule(settings, model)
+        row: dict = {"full_zs": 100 * _test(TextClassifier(model, tuning="none"), data, settings.output_dir)["acc"]}
+        ft = TextClassifier(model, tuning="blocks", trainable_blocks=[0, 1, -2, -1], lr=args.lr)
+        _fit(ft, data, settings.output_dir, args.steps, seed, [])
+        row["ft"] = 100 * _test(ft, data, settings.output_dir)["acc"]
+        for name, (folder, layers) in arms.items():
+            res = tune_emulator_and_plug_in(
+                settings, model, folder, str(out / f"seed{seed}" / name / "adapters"), data, layers
+            )
+            accs = {k: 100 * res[k]["acc"] for k in ("emulator_zs", "emulator_ft", "plug_in")}
+            row[name] = accs | {"gap": privacy_gap(res["plug_in"]["acc"], res["emulator_ft"]["acc"])}
         per_seed[seed] = row
         print(f"seed {seed}: " + json.dumps(row), flush=True)
 
-    summary = {
-        name: {"mean": statistics.mean(r[name] for r in per_seed.values()),
-               "std": statistics.stdev(r[name] for r in per_seed.values())}
-        for name in (*SETTINGS, "gap")
-    }  # fmt: skip
+    rows = list(per_seed.values())
+    summary: dict = {name: _mean_std([r[name] for r in rows]) for name in ("full_zs", "ft")}
+    for name in arms:
+        summary[name] = {k: _mean_std([r[name][k] for r in rows]) for k in ARM_SETTINGS}
+        summary[name]["plug_in_minus_ft"] = _mean_std([r[name]["plug_in"] - r["ft"] for r in rows])
+        summary[name]["plug_in_minus_full_zs"] = _mean_std([r[name]["plug_in"] - r["full_zs"] for r in rows])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "seeds.json").write_text(
-        json.dumps({"args": vars(args), "per_seed": per_seed, "summary": summary}, indent=2)
-    )
-    header = "| seeds | " + " | ".join(SETTINGS) + " | gap |"
-    lines = [header, "|" + "---|" * (len(SETTINGS) + 2)]
-    for seed, row in per_seed.items():
-        lines.append(f"| {seed} | " + " | ".join(f"{row[k]:.1f}" for k in (*SETTINGS, "gap")) + " |")
-    stats = " | ".join(f"{summary[k]['mean']:.1f} ± {summary[k]['std']:.1f}" for k in (*SETTINGS, "gap"))
-    lines.append(f"| mean ± std | {stats} |")
+    report = {"args": vars(args), "per_seed": per_seed, "summary": summary}
+    (out / "seeds.json").write_text(json.dumps(report, indent=2))
+
+    def cell(stat: dict[str, float], signed: bool = False) -> str:
+        return f"{stat['mean']:+.1f} ± {stat['std']:.1f}" if signed else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+
+    n = len(args.seeds)
+    lines = [
+        f"Accuracy in %, mean ± std over seeds {args.seeds} ({args.test_size} test examples each): full zero-shot "
+        f"{cell(summary['full_zs'])}, full fine-tuning of the same blocks {cell(summary['ft'])}.",
+        "",
+        f"| emulator (n = {n}) | emulator ZS | emulator FT | plug-in | Δ = plug-in − emulator FT | plug-in − FT | "
+        "plug-in − full ZS |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in arms:
+        s = summary[name]
+        lines.append(
+            f"| {name} | {cell(s['emulator_zs'])} | {cell(s['emulator_ft'])} | {cell(s['plug_in'])} | "
+            f"{cell(s['gap'], True)} | {cell(s['plug_in_minus_ft'], True)} | {cell(s['plug_in_minus_full_zs'], True)} |"
+        )
     (out / "seeds.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

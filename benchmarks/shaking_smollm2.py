@@ -4,8 +4,10 @@ One process runs every row so that time ratios are comparable (this machine's CP
 
 1. ``unshaken``: LoRA tuning (r=8, q/v) on tweets sentiment, plain inference;
 2. ``horizontal``: the same tuning under a horizontal-only key (EmbeddingShaking), private inference;
-3. ``search``: operator settings sampled from the search space, each scored by utility (label-word agreement
-   with the unshaken model, no recovery), attack success (max top-1 of A1-A4 on the shaken table) and cost;
+3. ``search``: operator chains sampled from the search space, each scored by utility (validation accuracy after
+   ``--search-tune-steps`` LoRA steps of private tuning, no implantation; with 0 steps, label-word agreement with
+   the unshaken model), attack success (max top-1 of A1-A4 over every shaken table the cloud holds: the
+   embedding and an untied head) and cost (key generation, tuning, validation inference);
 4. ``horizontal+vertical``: the search's chosen setting, key implantation (ShakeRecovery on BBC News text,
    awareness then function recovery, first 2 blocks), the same tuning, private inference, then horizontal
    and full weight recovery;
@@ -30,7 +32,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from privtune.attacks import EmbeddingRegressionProbe, attack_report, hidden_states, recovery_rate, token_counts
+from privtune.attacks import EmbeddingRegressionProbe, hidden_states, model_attack_report, recovery_rate, token_counts
 from privtune.callbacks.embedding_shaking import EmbeddingShaking
 from privtune.datamodules import BBCNews, LMCorpus, TweetsSentiment
 from privtune.models import load_model
@@ -42,6 +44,7 @@ from privtune.shaking.cost import CostLedger
 from privtune.shaking.search import (
     DEFAULT_GRID,
     SearchSpace,
+    callback_init_args,
     run_search,
     sample_candidates,
     save_search,
@@ -136,6 +139,14 @@ def learned_inversion(
     return recovery_rate(probe.predict(torch.cat(hs), table), torch.cat(truth))["top1"]
 
 
+def _table_a1(attacks: dict) -> str:
+    """A1 top-1 per table the cloud holds (``embedding``, and ``head`` when untied)."""
+    if "A1" in attacks:  # results written before the head was attacked: the embedding only
+        return f"{100 * attacks['A1']['top1']:.1f} % (embedding only)"
+    parts = [f"{name} {100 * rep['A1']['top1']:.1f} %" for name, rep in attacks.items() if name != "A"]
+    return " / ".join(parts) if parts else "n/a (plain ids)"
+
+
 def markdown_table(results: dict) -> str:
     """The README table: accuracy, attack recovery and time per phase of every row in ``results.json``."""
     cost = results.get("cost", {}).get("seconds", {})
@@ -145,12 +156,11 @@ def markdown_table(results: dict) -> str:
     ]
     for name, row in results["rows"].items():
         attacks = row.get("attacks", {})
-        a1 = attacks.get("A1", {}).get("top1")
         inv = row.get("learned_inversion_top1")
         cells = [
             name,
             f"{row['acc']:.3f}",
-            "n/a (plain ids)" if a1 is None else f"{100 * a1:.1f} %",
+            _table_a1(attacks) if attacks else "n/a (plain ids)",
             f"{100 * row['attack_top1']:.1f} %",
             "" if inv is None else f"{100 * inv:.1f} %",
             f"{row['tune_s']:.0f}",
@@ -177,6 +187,9 @@ def main() -> None:
     p.add_argument("--implant-k", type=int, default=2, help="first blocks trained by the implantation")
     p.add_argument("--search-budget", type=int, default=10)
     p.add_argument("--search-seeds", type=int, default=2)
+    p.add_argument("--search-tune-steps", type=int, default=0,
+                   help="LoRA steps of each search trial (utility = validation accuracy after them); 0: utility = "
+                   "zero-shot agreement with the unshaken model, no tuning")  # fmt: skip
     p.add_argument("--tau-attack", type=float, default=0.05)
     p.add_argument("--attack-rows", type=int, default=400, help="hidden rows scored by the table attacks")
     p.add_argument("--epsilons", type=float, nargs="*", default=[1.0, 3.0, 8.0])
@@ -232,10 +245,9 @@ def main() -> None:
         module, sec = tune(args, dm, MODEL, [cb])
         key = cb.key
         s, y, inf = scores(module.model, dm, "test", key)
-        shaken_table = module.model.get_input_embeddings().weight.detach()
-        rep = attack_report(shaken_table, table, key.inv_perm, known=key.pinned,
-                            shaken_counts=traffic_counts(dm, key, vocab), public_counts=pub_counts,
-                            sample=args.attack_rows)  # fmt: skip
+        rep = model_attack_report(module.model, base, key.inv_perm, known=key.pinned,
+                                  shaken_counts=traffic_counts(dm, key, vocab), public_counts=pub_counts,
+                                  sample=args.attack_rows)  # fmt: skip
         inv = learned_inversion(base, module.model, key, dm, tokenizer, layer=2)
         recover_model(module.model, key, "horizontal")
         s2, y2, _ = scores(module.model, dm, "test", None)
@@ -269,25 +281,43 @@ def main() -> None:
         space = SearchSpace(chain_lengths=(1, 2), grid=grid, implant_steps=(0,))
         candidates = sample_candidates(space, args.search_budget, seed=0)
 
+        trial_args = argparse.Namespace(**{**vars(args), "steps": args.search_tune_steps})
+
         def trial(cand, seed: int) -> dict[str, float]:  # noqa: ANN001
+            tuned = args.search_tune_steps > 0
             if cand.setting is None:
-                return {"utility": 1.0, "attack": 1.0, "cost": 0.0, "zero_shot_acc": accuracy(plain_val, yv)}
+                if not tuned:
+                    return {"utility": 1.0, "attack": 1.0, "cost": 0.0, "zero_shot_acc": accuracy(plain_val, yv)}
+                t0 = time.perf_counter()
+                module, _ = tune(trial_args, dm, MODEL, [])
+                sv, _, _ = scores(module.model, dm, "val", None)
+                return {"utility": accuracy(sv, yv), "attack": 1.0, "cost": time.perf_counter() - t0}
             t0 = time.perf_counter()
             key = ShakeKey.generate(
                 cand.setting, table, pinned=tokenizer.all_special_ids, seed=f"search-{seed}-{cand.name}"
             )
-            model = copy.deepcopy(base)
-            shake_model(model, key)
-            keygen_shake = time.perf_counter() - t0
-            sv, _, t_inf = scores(model, dm, "val", key)
-            tv = 0.5 * (sv.softmax(-1) - plain_probs).abs().sum(-1).mean()
-            rep = attack_report(model.get_input_embeddings().weight.detach(), table, key.inv_perm, known=key.pinned,
-                                shaken_counts=traffic_counts(dm, key, vocab), public_counts=pub_counts,
-                                sample=args.attack_rows // 2, seed=seed)  # fmt: skip
+            if tuned:  # a short private tuning of the shaken model (no implantation), utility = val accuracy
+                key_path = out / "keys" / "search-trial.json"
+                key.save(key_path)
+                module, _ = tune(trial_args, dm, MODEL, [EmbeddingShaking(str(key_path), recovery="none")])
+                key_path.unlink()
+                model = module.model
+            else:
+                model = copy.deepcopy(base)
+                shake_model(model, key)
+            sv, _, _ = scores(model, dm, "val", key)
+            cost = time.perf_counter() - t0
+            utility = (
+                accuracy(sv, yv) if tuned else float(1 - 0.5 * (sv.softmax(-1) - plain_probs).abs().sum(-1).mean())
+            )
+            rep = model_attack_report(model, base, key.inv_perm, known=key.pinned,
+                                      shaken_counts=traffic_counts(dm, key, vocab), public_counts=pub_counts,
+                                      sample=args.attack_rows // 2, seed=seed)  # fmt: skip
             del model
             gc.collect()
-            return {"utility": float(1 - tv), "attack": rep["A"]["top1"], "cost": keygen_shake + t_inf,
-                    "zero_shot_acc": accuracy(sv, yv), **{f"{k}_top1": v["top1"] for k, v in rep.items()}}  # fmt: skip
+            per_attack = {f"{name}_{k}_top1": v["top1"] for name, r in rep.items() if name != "A" for k, v in r.items()}
+            return {"utility": utility, "attack": rep["A"]["top1"], "cost": cost, "zero_shot_acc": accuracy(sv, yv),
+                    **per_attack}  # fmt: skip
 
         search = run_search(trial, candidates, seeds=tuple(range(args.search_seeds)), tau_attack=args.tau_attack)
         save_search(search, out / "search.json")
@@ -310,16 +340,17 @@ def main() -> None:
 
         if chosen is None:
             chosen = KeySetting(operators=("gaussian",), chain_length=1)
-        todo = [("", chosen)]
+        todo = [("", chosen, True)]
         for extra in args.settings:
             spec = json.loads(extra)
             label = spec.pop("name")
-            todo.append((label, KeySetting(**{k: tuple(v) if k == "operators" else v for k, v in spec.items()})))
-    for label, chosen in todo if "hv" in args.rows else []:
+            head_vertical = bool(spec.pop("head_vertical", True))
+            setting = KeySetting(**{k: tuple(v) if k == "operators" else v for k, v in spec.items()})
+            todo.append((label, setting, head_vertical))
+    for label, chosen, head_vertical in todo if "hv" in args.rows else []:
         suffix = f" ({label})" if label else ""
         tag = f"_{label}" if label else ""
-        init = {"operators": list(chosen.operators), "chain_length": chosen.chain_length,
-                "scales": {k: dict(v) for k, v in chosen.scales.items()}, "pin": chosen.pin}  # fmt: skip
+        init = {**callback_init_args(chosen), "shake_lm_head_vertical": head_vertical}
         key_path = str(out / "keys" / f"hv{tag}.json")
         log(f"hv: key generation + implantation ({args.implant_steps} steps) with {init}")
         pl.seed_everything(0)
@@ -340,7 +371,7 @@ def main() -> None:
         ledger.add("implant" + tag, time.perf_counter() - t0, args.implant_steps)
         # damage curve on the validation set: shaken without recovery vs after implantation
         raw = copy.deepcopy(base)
-        shake_model(raw, key)
+        shake_model(raw, key, shake_lm_head_vertical=head_vertical)
         sv_raw, yv, _ = scores(raw, dm, "val", key)
         no_recovery_val = accuracy(sv_raw, yv)
         del raw
@@ -357,10 +388,9 @@ def main() -> None:
         ledger.add("private_tuning" + tag, sec, args.steps)
         s, y, inf = scores(module.model, dm, "test", key)
         ledger.add("private_inference" + tag, inf, len(y))
-        shaken_table = module.model.get_input_embeddings().weight.detach().clone()
-        rep = attack_report(shaken_table, table, key.inv_perm, known=key.pinned,
-                            shaken_counts=traffic_counts(dm, key, vocab), public_counts=pub_counts,
-                            sample=args.attack_rows)  # fmt: skip
+        rep = model_attack_report(module.model, base, key.inv_perm, known=key.pinned,
+                                  shaken_counts=traffic_counts(dm, key, vocab), public_counts=pub_counts,
+                                  sample=args.attack_rows)  # fmt: skip
         inv = learned_inversion(base, module.model, key, dm, tokenizer, layer=2)
         full = copy.deepcopy(module.model)
         t0 = time.perf_counter()
