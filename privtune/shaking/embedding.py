@@ -99,7 +99,9 @@ def unpermute_rows(weight: Tensor, key: ShakeKey) -> Tensor:
 def shake_head(weight: Tensor, key: ShakeKey, *, vertical: bool) -> Tensor:
     """The shaken rows of an untied LM head ``[V, d]``: ``Vert'(W)[pi^-1]`` (``vertical``) or ``W[pi^-1]``.
 
-    ``Vert'`` is the key's chain drawn from its ``head`` stream, independent of the embedding's.
+    ``Vert'`` is the key's chain drawn from its ``head`` stream, independent of the embedding's. Its scales are
+    relative to the input table's statistics (``s_E``, ``n_E``, the ones the key stores); for a head of a very
+    different scale, the attack on the head (:func:`~privtune.attacks.model_attack_report`) says what it hides.
     """
     rows = apply_vertical(weight, key, stream="head") if vertical and key.is_vertical else weight.detach()
     return permute_rows(rows, key)
