@@ -287,11 +287,12 @@ def main() -> None:
             tuned = args.search_tune_steps > 0
             if cand.setting is None:
                 if not tuned:
-                    return {"utility": 1.0, "attack": 1.0, "cost": 0.0, "zero_shot_acc": accuracy(plain_val, yv)}
+                    return {"utility": 1.0, "attack": 1.0, "cost": 0.0, "val_acc": accuracy(plain_val, yv)}
                 t0 = time.perf_counter()
                 module, _ = tune(trial_args, dm, MODEL, [])
                 sv, _, _ = scores(module.model, dm, "val", None)
-                return {"utility": accuracy(sv, yv), "attack": 1.0, "cost": time.perf_counter() - t0}
+                acc = accuracy(sv, yv)
+                return {"utility": acc, "attack": 1.0, "cost": time.perf_counter() - t0, "val_acc": acc}
             t0 = time.perf_counter()
             key = ShakeKey.generate(
                 cand.setting, table, pinned=tokenizer.all_special_ids, seed=f"search-{seed}-{cand.name}"
@@ -316,7 +317,7 @@ def main() -> None:
             del model
             gc.collect()
             per_attack = {f"{name}_{k}_top1": v["top1"] for name, r in rep.items() if name != "A" for k, v in r.items()}
-            return {"utility": utility, "attack": rep["A"]["top1"], "cost": cost, "zero_shot_acc": accuracy(sv, yv),
+            return {"utility": utility, "attack": rep["A"]["top1"], "cost": cost, "val_acc": accuracy(sv, yv),
                     **per_attack}  # fmt: skip
 
         search = run_search(trial, candidates, seeds=tuple(range(args.search_seeds)), tau_attack=args.tau_attack)
