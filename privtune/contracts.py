@@ -1,0 +1,54 @@
+"""What each privacy callback needs from the LightningModule, the Trainer and the batches, as ``Protocol``s.
+
+A callback attached to someone else's project checks its Protocol in ``setup`` and refuses, naming the
+attribute, the option that sets it and the docs, instead of failing later (or, worse, protecting less than
+asked). Torch only: the core never imports lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from torch import nn
+
+
+# ---------------------------------------------------------------------------------------------- shaking
+@runtime_checkable
+class ShakeableModel(Protocol):
+    """A Hugging Face model that :class:`~privtune.callbacks.EmbeddingShaking` can shake (docs/shaking.md).
+
+    ``get_input_embeddings()`` must return an ``nn.Embedding`` ``[V, d]`` (the table that is shaken; an LM head,
+    found by the model family, is shaken too) and ``config`` records the shaking state. A peft wrapper around
+    such a model qualifies. The LightningModule must hold exactly one such model (frozen teachers included),
+    or name it with the callback's ``model_attr``.
+    """
+
+    config: Any
+
+    def get_input_embeddings(self) -> nn.Module: ...
+
+
+@runtime_checkable
+class ShakingModule(Protocol):
+    """The optional parts of a LightningModule that :class:`~privtune.callbacks.EmbeddingShaking` reads.
+
+    * ``tokenizer``: its ``all_special_ids`` are pinned (kept fixed) by a new key with ``pin="special"``;
+    * ``label_token_ids``: a ``LongTensor`` of label-word ids (decoder classifiers), mapped to shaken ids while
+      the model is shaken (the datamodule's ``label_token_ids`` is preferred when it has one).
+
+    Neither is required; the model itself is found as :class:`ShakeableModel` (``model_attr``).
+    """
+
+    def named_modules(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+@runtime_checkable
+class TokenBatch(Protocol):
+    """A batch :class:`~privtune.callbacks.EmbeddingShaking` can map: indexable by ``batch_key``.
+
+    A mapping (``dict``, ``BatchEncoding``) with the token ids under ``batch_key`` (default ``"input_ids"``) and
+    optional token-level labels under ``labels_key``; or a list/tuple with the ids at the integer
+    ``batch_key``. Any other batch needs ``ids_getter``. A batch that does not fit is refused.
+    """
+
+    def __getitem__(self, key: Any) -> Any: ...
