@@ -31,6 +31,7 @@ from privtune.data import (
 )
 from privtune.datamodules.resumable import resumable_train_loader
 from privtune.models import load_tokenizer
+from privtune.models.loading import check_length_fits
 
 
 def _check_size(name: str, value: int | float) -> None:
@@ -58,7 +59,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
 
     Raises:
-        ValueError: for sizes that are not positive, ``max_length < 8`` or ``batch_size < 1``.
+        ValueError: for sizes that are not positive, ``max_length < 8`` or ``batch_size < 1``; at setup, for a
+            ``max_length`` beyond the model's positions or data with fewer than two classes.
     """
 
     def __init__(
@@ -126,9 +128,17 @@ class TextClassificationDataModule(pl.LightningDataModule):
     @override
     def setup(self, stage: str | None = None) -> None:
         tokenizer = self._resolve_tokenizer()
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None:
+            check_length_fits(module, self.max_length, "max_length")
         if self._encoded and self._encoded_with is tokenizer:
             return  # tokenized once per run: fit then test reuses it
         dataset = self.load_dataset()
+        if len(dataset.label_names) < 2:
+            raise ValueError(
+                f"{type(self).__name__}: the data has {len(dataset.label_names)} class {dataset.label_names}; a "
+                "classifier needs at least two."
+            )
         self.label_names = dataset.label_names
         if self.label_words is not None and len(self.label_words) != len(self.label_names):
             raise ValueError(
@@ -227,16 +237,19 @@ class BBCNews(TextClassificationDataModule):
 
 
 class TextFile(TextClassificationDataModule):
-    """A user's CSV / TSV / JSON-lines file with a text column and a label column.
+    """A user's CSV / TSV / JSON-lines / JSON-array file with a text column and a label column.
 
-    The file and its columns are checked when the datamodule is built, before any model is loaded.
+    The file is read and checked when the datamodule is built, before any model is loaded: a wrong encoding,
+    a malformed line, a missing column, no data rows, a missing label (empty, ``nan``) or a single class is
+    refused with the file, the line and the fix. A UTF-8 byte-order mark is accepted.
 
     Args:
         path: the file.
         text_column: column with the text.
         label_column: column with the class name.
-        label_names: class order (defaults to the sorted distinct labels).
-        encoding: file encoding.
+        label_names: class order (defaults to the sorted distinct labels); a class named like a missing value
+            (``nan``, ``none``, ``null``) is accepted only when listed here.
+        encoding: file encoding (``latin-1`` or ``cp1252`` for files that are not UTF-8).
         **kwargs: see :class:`TextClassificationDataModule`.
     """
 
@@ -257,6 +270,11 @@ class TextFile(TextClassificationDataModule):
         self.label_names_arg = label_names
         self.encoding = encoding
         self._dataset = read_table(self.path, text_column, label_column, label_names, encoding)  # eager check
+        if len(self._dataset.label_names) < 2:
+            raise ValueError(
+                f"{self.path}: `label_column={label_column!r}` holds one class {self._dataset.label_names}; a "
+                "classifier needs at least two. HINT: check `label_column`, or add examples of the other classes."
+            )
 
     @override
     def load_dataset(self) -> TextDataset:

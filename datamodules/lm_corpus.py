@@ -1,7 +1,8 @@
 """A plain language-modelling corpus: fixed-length token blocks for distillation and recovery training.
 
 Documents are split into train / validation by a seeded shuffle (whole documents, so no block straddles
-both), concatenated with EOS between them and cut into ``block_size`` blocks.
+both), concatenated with EOS between them and cut into ``block_size`` blocks. A corpus of one document (or
+one whose held-out documents do not fill a block) is cut into blocks first and its last blocks are held out.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from privtune.data import EncodedBlocks, PadCollator, encode_lm_blocks, read_bbc_news, read_texts, read_tweets
 from privtune.datamodules.resumable import resumable_train_loader
 from privtune.models import load_tokenizer
+from privtune.models.loading import check_length_fits
 
 _SOURCES = ("bbc_news", "tweets")
 
@@ -33,9 +36,11 @@ class LMCorpus(pl.LightningDataModule):
         batch_size: blocks per batch.
         seed: seed of the document split.
         tokenizer: a model name; ``None`` takes the LightningModule's ``tokenizer``.
+        encoding: encoding of a user file (``latin-1`` or ``cp1252`` for files that are not UTF-8).
 
     Raises:
-        ValueError: for an unknown source, ``block_size < 2`` or ``val_fraction`` outside (0, 1).
+        ValueError: for an unknown source, ``block_size < 2`` or ``val_fraction`` outside (0, 1); at setup, for a
+            ``block_size`` beyond the model's positions or a corpus shorter than two blocks.
     """
 
     def __init__(
@@ -50,6 +55,7 @@ class LMCorpus(pl.LightningDataModule):
         batch_size: int = 8,
         seed: int = 0,
         tokenizer: str | None = None,
+        encoding: str = "utf-8",
     ) -> None:
         super().__init__()
         if source not in _SOURCES and not source.endswith((".csv", ".tsv", ".jsonl", ".json")):
@@ -67,6 +73,7 @@ class LMCorpus(pl.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.tokenizer_name = tokenizer
+        self.encoding = encoding
         self.blocks: dict[str, torch.Tensor] = {}
         self.tokenizer = None
 
@@ -75,25 +82,58 @@ class LMCorpus(pl.LightningDataModule):
             return read_bbc_news().texts
         if self.source == "tweets":
             return read_tweets().texts
-        return read_texts(self.source, self.text_column)  # a user file: only the text column matters
+        return read_texts(self.source, self.text_column, self.encoding)  # a user file: only the text column matters
 
     @override
     def setup(self, stage: str | None = None) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None:
+            check_length_fits(module, self.block_size, "block_size")
         if self.blocks:
             return
-        tokenizer = (
-            load_tokenizer(self.tokenizer_name) if self.tokenizer_name else self.trainer.lightning_module.tokenizer
-        )
-        texts = self._texts()
-        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        n_val = max(1, round(self.val_fraction * len(texts)))
-        val_docs = [texts[i] for i in order[:n_val]]
-        train_docs = [texts[i] for i in order[n_val:]]
-        self.blocks = {
-            "train": encode_lm_blocks(tokenizer, train_docs, self.block_size, self.max_train_blocks),
-            "val": encode_lm_blocks(tokenizer, val_docs, self.block_size, self.max_val_blocks),
-        }
+        if self.tokenizer_name:
+            tokenizer = load_tokenizer(self.tokenizer_name)
+        elif getattr(module, "tokenizer", None) is not None:
+            tokenizer = module.tokenizer
+        else:
+            raise ValueError(
+                "LMCorpus needs a tokenizer: pass `tokenizer=<model name>` or use it with a LightningModule that has "
+                "a `tokenizer` attribute."
+            )
+        self.blocks = self._split(tokenizer, self._texts())
         self.tokenizer = tokenizer
+
+    def _split(self, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:  # noqa: ANN001 - a HF tokenizer
+        """Train / validation blocks: by whole documents when both parts fill a block, else by blocks."""
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        if len(texts) >= 2:
+            n_val = min(len(texts) - 1, max(1, round(self.val_fraction * len(texts))))
+            val_docs = [texts[i] for i in order[:n_val]]
+            train_docs = [texts[i] for i in order[n_val:]]
+            try:
+                return {
+                    "train": encode_lm_blocks(tokenizer, train_docs, self.block_size, self.max_train_blocks),
+                    "val": encode_lm_blocks(tokenizer, val_docs, self.block_size, self.max_val_blocks),
+                }
+            except ValueError:
+                pass  # a part holds less than one block: split the token stream instead
+        try:
+            blocks = encode_lm_blocks(tokenizer, [texts[i] for i in order], self.block_size)
+        except ValueError:
+            blocks = torch.empty(0, self.block_size, dtype=torch.long)
+        if blocks.shape[0] < 2:
+            raise ValueError(
+                f"`source={self.source!r}` holds {len(texts)} document(s) that fill {blocks.shape[0]} block(s) of "
+                f"`block_size={self.block_size}` tokens; one block to train and one to validate are needed: lower "
+                "`block_size` or add text."
+            ) from None
+        n_val = min(blocks.shape[0] - 1, max(1, round(self.val_fraction * blocks.shape[0])))
+        rank_zero_info(
+            f"LMCorpus: {len(texts)} document(s) of `source={self.source!r}` are too few to split by document; the "
+            f"last {n_val} of {blocks.shape[0]} blocks are held out for validation."
+        )
+        train, val = blocks[: blocks.shape[0] - n_val], blocks[blocks.shape[0] - n_val :]
+        return {"train": train[: self.max_train_blocks], "val": val[: self.max_val_blocks]}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

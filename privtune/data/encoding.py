@@ -132,10 +132,12 @@ def encode_lm_blocks(
     """Concatenate texts (EOS between them) and cut the stream into ``[N, block_size]`` blocks.
 
     Raises:
-        ValueError: if the texts do not fill a single block.
+        ValueError: if there are no texts or they do not fill a single block.
     """
     if block_size < 2:
         raise ValueError(f"`block_size={block_size}` must be >= 2.")
+    if not texts:
+        raise ValueError("No texts to cut into blocks.")
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:

@@ -181,3 +181,40 @@ def load_model(
         model.config.pad_token_id = model.config.eos_token_id
     model.train()  # from_pretrained returns eval mode; Lightning expects trainable modules in train mode
     return model
+
+
+def max_positions(module: torch.nn.Module) -> tuple[int, str] | None:
+    """The longest input ``module`` can read, and the model type that sets it.
+
+    The smallest position limit (``max_position_embeddings`` / ``n_positions``) of the Hugging Face models held
+    in ``module`` (the module itself included); ``None`` when it holds none that declares one.
+    """
+    limits = []
+    for sub in module.modules():
+        config = getattr(sub, "config", None) if isinstance(sub, PreTrainedModel) else None
+        for attr in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value > 0:
+                limits.append((value, str(getattr(config, "model_type", type(sub).__name__))))
+                break
+    return min(limits) if limits else None
+
+
+def check_length_fits(module: torch.nn.Module, length: int, argument: str, extra: int = 0) -> None:
+    """Refuse inputs of ``length`` tokens (plus ``extra`` virtual positions) that the model cannot place.
+
+    A learned position table (GPT-2, BERT, OPT) would fail with an ``IndexError`` at the first step; a rotary
+    model would run on positions it was never trained on. Either way the length is refused before training.
+
+    Raises:
+        ValueError: naming ``argument``, the model's limit and the largest allowed value.
+    """
+    found = max_positions(module)
+    if found is None or length + extra <= found[0]:
+        return
+    limit, model_type = found
+    plus = f" plus {extra} virtual tokens" if extra else ""
+    raise ValueError(
+        f"`{argument}={length}`{plus} is longer than the {limit} positions of the {model_type} model "
+        f"(`max_position_embeddings`): set `{argument}` to at most {limit - extra}."
+    )

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from privtune.models import get_blocks, is_decoder, load_model, load_tokenizer, num_blocks, resolve_model
+from privtune.models.loading import check_length_fits
 from privtune.models.scoring import classification_logits
 from privtune.modules.optim import build_optimizer, keep_trainable_tensors
 
@@ -55,7 +56,8 @@ class TextClassifier(pl.LightningModule):
 
     Raises:
         ValueError: for an unknown model, ``lr <= 0``, ``lora_r < 1``, ``num_virtual_tokens < 1`` or block
-            indices outside the model, all before any weight is loaded.
+            indices outside the model, all before any weight is loaded; at setup, for a datamodule
+            ``max_length`` (plus the soft prompt) beyond the model's positions.
 
     Example::
 
@@ -159,6 +161,10 @@ class TextClassifier(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return
+        length = getattr(datamodule, "max_length", None)
+        if isinstance(length, int):  # soft prompts take positions too
+            extra = self.hparams.num_virtual_tokens if self.tuning == "prompt" else 0
+            check_length_fits(self, length, "max_length", extra=extra)
         classes = getattr(datamodule, "num_classes", 0)
         if self.decoder:
             ids = getattr(datamodule, "label_token_ids", None)
