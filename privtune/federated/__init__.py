@@ -14,6 +14,7 @@ from privtune.federated.aggregate import (
     weighted_average,
 )
 from privtune.federated.client import ClientState, ClientStore, LocalConfig, local_update, make_optimizer
+from privtune.federated.client_dp import ClientLevelDP, PrivacyBudgetExhausted
 from privtune.federated.fedopt import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedOpt, FedYogi, ServerOptimizer
 from privtune.federated.fedpeptao import FedPepTAOOptions, FedPepTAOServer
 from privtune.federated.fedprox import add_proximal_gradient, proximal_term
@@ -30,6 +31,7 @@ from privtune.federated.scaffold import DELTA_C, Scaffold, client_control_variat
 __all__ = [
     "DELTA_C",
     "AggregationError",
+    "ClientLevelDP",
     "ClientState",
     "ClientStore",
     "ClientUpdate",
@@ -44,6 +46,7 @@ __all__ = [
     "FedYogi",
     "LocalConfig",
     "Partition",
+    "PrivacyBudgetExhausted",
     "RoundPlan",
     "RoundRecord",
     "Scaffold",
