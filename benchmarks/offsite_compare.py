@@ -33,16 +33,9 @@ from privtune.datamodules import LMCorpus
 from privtune.emulator import count_parameters, save_emulator_artifact
 from privtune.eval.offsite_report import privacy_gap
 from privtune.models import load_model
-from privtune.modules import TextClassifier
 from privtune.modules.offsite_distill import EmulatorDistillation
 from privtune.modules.offsite_importance import HarmonizerImportance
-from privtune.modules.offsite_pipeline import (
-    PipelineSettings,
-    _fit,
-    _test,
-    make_datamodule,
-    tune_emulator_and_plug_in,
-)
+from privtune.recipes.offsite import NestedTrainers, OffsiteRecipe, PipelineSettings, make_datamodule
 
 
 def _corpus(source: str, model: str) -> LMCorpus:
@@ -58,7 +51,7 @@ def _owner_fit(module: pl.LightningModule, callbacks: list, steps: int, corpus: 
     pl.seed_everything(0, verbose=False)
     data = _corpus(corpus, model)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        accelerator="auto", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=callbacks, default_root_dir=root,
     )  # fmt: skip
@@ -101,12 +94,11 @@ def main() -> None:
         test_size=args.test_size, batch_size=args.batch_size, max_steps=args.steps, lr=args.lr,
     )  # fmt: skip
     data = make_datamodule(settings, args.model)
+    recipe = OffsiteRecipe(settings, NestedTrainers.auto(str(out)))
     rows: dict[str, dict] = {}
     if not args.skip_baselines:
-        rows["full_zs"] = _test(TextClassifier(args.model, tuning="none"), data, str(out))
-        ft = TextClassifier(args.model, tuning="blocks", trainable_blocks=[0, 1, -2, -1], lr=args.lr)
-        timer = _fit(ft, data, str(out), args.steps, 0, [])
-        rows["ft"] = _test(ft, data, str(out)) | {"step_s": timer.mean}
+        zs, ft, timer = recipe.full_model(args.model, data, [0, 1, -2, -1])
+        rows["full_zs"], rows["ft"] = zs, ft | {"step_s": timer.mean}
     full_params = count_parameters(load_model(args.model))
     stage1: tuple[HarmonizerImportance, float] | None = None
     for arm in args.arms.split(","):
@@ -143,7 +135,7 @@ def main() -> None:
             owner_s = _owner_fit(module, [EmulatorExport(emu_dir)], 0, args.corpus, str(out), args.model)
         else:
             raise ValueError(f"unknown arm {arm!r}")
-        res = tune_emulator_and_plug_in(settings, args.model, emu_dir, str(out / arm / "adapters"), data, layers)
+        res = recipe.tune_emulator_and_plug_in(args.model, emu_dir, str(out / arm / "adapters"), data, layers, arm=arm)
         rows[arm] = {
             "emulator_zs": res["emulator_zs"]["acc"],
             "emulator_ft": res["emulator_ft"]["acc"],

@@ -28,8 +28,7 @@ from pathlib import Path
 
 from privtune.emulator import read_plan
 from privtune.eval.offsite_report import privacy_gap
-from privtune.modules import TextClassifier
-from privtune.modules.offsite_pipeline import PipelineSettings, _fit, _test, make_datamodule, tune_emulator_and_plug_in
+from privtune.recipes.offsite import NestedTrainers, OffsiteRecipe, PipelineSettings, make_datamodule
 
 ARM_SETTINGS = ("emulator_zs", "emulator_ft", "plug_in", "gap")
 
@@ -92,13 +91,12 @@ def main() -> None:
             lr=args.lr, seed=seed,
         )  # fmt: skip
         data = make_datamodule(settings, model)
-        row: dict = {"full_zs": 100 * _test(TextClassifier(model, tuning="none"), data, settings.output_dir)["acc"]}
-        ft = TextClassifier(model, tuning="blocks", trainable_blocks=[0, 1, -2, -1], lr=args.lr)
-        _fit(ft, data, settings.output_dir, args.steps, seed, [])
-        row["ft"] = 100 * _test(ft, data, settings.output_dir)["acc"]
+        recipe = OffsiteRecipe(settings, NestedTrainers.auto(settings.output_dir))
+        zs, ft, _ = recipe.full_model(model, data, [0, 1, -2, -1])
+        row: dict = {"full_zs": 100 * zs["acc"], "ft": 100 * ft["acc"]}
         for name, (folder, layers) in arms.items():
-            res = tune_emulator_and_plug_in(
-                settings, model, folder, str(out / f"seed{seed}" / name / "adapters"), data, layers
+            res = recipe.tune_emulator_and_plug_in(
+                model, folder, str(out / f"seed{seed}" / name / "adapters"), data, layers, arm=name
             )
             accs = {k: 100 * res[k]["acc"] for k in ("emulator_zs", "emulator_ft", "plug_in")}
             row[name] = accs | {"gap": privacy_gap(res["plug_in"]["acc"], res["emulator_ft"]["acc"])}

@@ -8,7 +8,8 @@ from privtune.callbacks.dp_sgd import OpacusDP
 from privtune.callbacks.embedding_shaking import EmbeddingShaking
 from privtune.callbacks.fedprox import FedProx
 from privtune.callbacks.layer_replace import LayerReplace
-from privtune.callbacks.offsite_tuning import AdapterExport, EmulatorExport, OffsitePipeline, PlugAdapters
+from privtune.callbacks.offsite_pipeline import OffsitePipeline
+from privtune.callbacks.offsite_tuning import AdapterExport, EmulatorExport, PlugAdapters
 from privtune.callbacks.rank_compression import RankCompression
 from privtune.callbacks.scaffold import ScaffoldCorrection
 from privtune.callbacks.tuning_report import TuningReport

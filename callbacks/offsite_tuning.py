@@ -12,8 +12,8 @@ Each party's step is a ``train.py`` run, and these callbacks are the hand-over p
 * :class:`PlugAdapters` (model owner, setup): plugs an adapter artifact into any module's model (e.g. a
   :class:`~privtune.modules.TextClassifier` with ``tuning: none`` for the plug-in evaluation), after
   checking the artifact was trained for this base model.
-* :class:`OffsitePipeline` (research, fit end): runs the data-owner tuning and the five evaluation settings
-  in the same process and writes the report (:mod:`privtune.modules.offsite_pipeline`).
+* :class:`~privtune.callbacks.offsite_pipeline.OffsitePipeline` (research, fit end, its own module): runs the
+  recipe :mod:`privtune.recipes.offsite` (data-owner tuning and the five evaluation settings in one process).
 
 Threat model: only the artifacts cross between the parties; the private data never leaves the data owner
 and the original middle blocks never leave the model owner.
@@ -219,106 +219,3 @@ class PlugAdapters(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"adapter_dir": self.adapter_dir, "plugged": self.plugged}
 
-
-class OffsitePipeline(pl.Callback):
-    """After the model owner's fit, run the data owner's tuning and the five settings; write the report.
-
-    Needs an :class:`EmulatorExport` earlier in ``trainer.callbacks`` (its artifact is the emulator used).
-
-    Args:
-        output_dir: where the adapter artifacts and ``offsite_report.{json,md,png}`` go.
-        task: the data owner's private task: ``tweets``, ``bbc_news`` or a CSV / JSON-lines file with ``text`` and
-            ``label`` columns (then give ``label_words``).
-        train_size: training examples of the task.
-        val_size: validation examples.
-        test_size: test examples (all five settings use the same ones).
-        max_length: tokens per example.
-        batch_size: training batch size.
-        max_steps: adapter-tuning steps (the same for the emulator and the full-model baseline).
-        lr: adapter learning rate.
-        tuning: ``full`` (all adapter weights) or ``lora`` inside the adapter blocks.
-        alphas: extra ScaleOT ``α`` values to sweep (emulator re-generated from the same stage-1 run; each
-            adds an emulator fine-tuning and a plug-in evaluation).
-        seed: seed of the task split and the tuning runs.
-        title: first line of the report.
-        template: prompt of a file task (one ``{text}`` slot).
-        label_words: label words of a file task, in ``label_names`` order.
-        label_names: class order of a file task.
-
-    Raises:
-        ValueError: for an unknown task or tuning, or a non-positive size/step count.
-    """
-
-    def __init__(
-        self,
-        output_dir: str,
-        task: Literal["tweets", "bbc_news"] | str = "tweets",
-        train_size: int = 400,
-        val_size: int = 64,
-        test_size: int = 300,
-        max_length: int = 64,
-        batch_size: int = 16,
-        max_steps: int = 40,
-        lr: float = 1e-4,
-        tuning: Literal["full", "lora"] = "full",
-        alphas: list[float] | None = None,
-        seed: int = 0,
-        title: str = "",
-        template: str = "Text: {text}\nLabel:",
-        label_words: list[str] | None = None,
-        label_names: list[str] | None = None,
-    ) -> None:
-        from privtune.modules.offsite_pipeline import PipelineSettings
-
-        self.settings = PipelineSettings(
-            output_dir=output_dir,
-            task=task,
-            train_size=train_size,
-            val_size=val_size,
-            test_size=test_size,
-            max_length=max_length,
-            batch_size=batch_size,
-            max_steps=max_steps,
-            lr=lr,
-            tuning=tuning,
-            alphas=list(alphas or []),
-            seed=seed,
-            title=title,
-            template=template,
-            label_words=label_words,
-            label_names=label_names,
-        )  # validates
-        self.report: dict[str, Any] = {}
-        self._fit_start = 0.0
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_start = time.perf_counter()
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from privtune.modules.offsite_pipeline import run_data_owner_and_evaluation
-
-        export = next((cb for cb in trainer.callbacks if isinstance(cb, EmulatorExport)), None)
-        if export is None or export.plan is None:
-            raise ValueError("OffsitePipeline needs an EmulatorExport callback before it in `trainer.callbacks`.")
-        owner_seconds = time.perf_counter() - self._fit_start
-        self.report = run_data_owner_and_evaluation(
-            self.settings,
-            model_name=export.plan.base_model,
-            emulator_dir=export.output_dir,
-            owner_stage_seconds={"stage-1 / distillation (fit)": owner_seconds, "emulator export": export.seconds},
-            regenerate=(lambda alpha: _regenerate(export, trainer, pl_module, alpha)) if self.settings.alphas else None,
-        )
-
-
-def _regenerate(export: EmulatorExport, trainer: pl.Trainer, pl_module: pl.LightningModule, alpha: float) -> str:
-    """Write the ScaleOT emulator of the same stage-1 run for another ``α``; return its folder."""
-    knobs = EmulatorExport(
-        f"{export.output_dir}_alpha{alpha:g}", export.adapter_layers, alpha, export.beta, export.beta_mlp,
-        export.distill_steps, export.distill_lr, export.distill_norm,
-    )  # fmt: skip
-    emulator, plan, original = knobs.build(pl_module)
-    knobs.distill(trainer.datamodule.train_dataloader(), emulator, plan, original)
-    save_emulator_artifact(knobs.output_dir, emulator.cpu(), plan, original.cpu())
-    return knobs.output_dir

@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from privtune.callbacks.layer_replace import LayerReplace
-from privtune.callbacks.offsite_tuning import AdapterExport, EmulatorExport, OffsitePipeline, PlugAdapters
+from privtune.callbacks.offsite_pipeline import OffsitePipeline
+from privtune.callbacks.offsite_tuning import AdapterExport, EmulatorExport, PlugAdapters
 from privtune.callbacks.rank_compression import RankCompression
 from privtune.datamodules import TextFile
 from privtune.emulator import EmulatorPlan, LowRankLinear, find_original_tensors, load_emulator_artifact, read_plan

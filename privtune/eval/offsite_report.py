@@ -19,7 +19,11 @@ plain dicts in, JSON / Markdown / PNG out.
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
+import subprocess
+import sys
 import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +43,38 @@ def privacy_gap(plug_in_acc: float, emulator_ft_acc: float) -> float:
     return 100.0 * (plug_in_acc - emulator_ft_acc)
 
 
+def run_provenance() -> dict[str, Any]:
+    """What produced a result file: the command line, the git commit (with a ``-dirty`` mark) and the UTC date."""
+    commit: str | None = None
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        )
+        commit = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        commit = None  # not a git checkout: recorded as unknown
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": commit,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def wilson_interval(acc: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy ``acc`` measured on ``n`` test examples (fractions).
+
+    Raises:
+        ValueError: for ``n < 1`` or ``acc`` outside [0, 1].
+    """
+    if n < 1 or not 0.0 <= acc <= 1.0:
+        raise ValueError(f"wilson_interval: need n >= 1 and acc in [0, 1], got n={n}, acc={acc}.")
+    denom = 1 + z * z / n
+    centre = (acc + z * z / (2 * n)) / denom
+    half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / denom
+    return centre - half, centre + half
+
+
 @dataclass
 class OffsiteReport:
     """Everything one offsite-tuning run measured.
@@ -50,7 +86,9 @@ class OffsiteReport:
         step_seconds: data-owner step time, ``{"emulator": s, "full": s}``.
         stage_seconds: wall time of each stage, ``{name: s}``.
         sweep: one row per emulator scale: ``{"alpha", "emulator_params", "emulator_ft", "plug_in", "gap"}``.
-        meta: what was run (model, task, sizes, steps, command).
+        arms: emulators compared on the same split, ``{name: {"params", "params_ratio", "emulator_zs",
+            "emulator_ft", "plug_in", "gap"}}`` (accuracies as fractions, the gap in points).
+        meta: what was run (model, task, sizes, steps, command); ``test_size`` sets the interval of full zero-shot.
     """
 
     title: str
@@ -59,6 +97,7 @@ class OffsiteReport:
     step_seconds: dict[str, float] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     sweep: list[dict[str, float]] = field(default_factory=list)
+    arms: dict[str, dict[str, float]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -69,10 +108,24 @@ class OffsiteReport:
             return privacy_gap(s["plug_in"]["acc"], s["emulator_ft"]["acc"])
         return None
 
+    @property
+    def zero_shot_interval(self) -> tuple[float, float] | None:
+        """95% Wilson interval of full zero-shot on ``meta["test_size"]`` examples, when both are known."""
+        n = self.meta.get("test_size")
+        if "full_zs" not in self.settings or not isinstance(n, int) or n < 1:
+            return None
+        return wilson_interval(self.settings["full_zs"]["acc"], n)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict, with the derived privacy gap and ratios."""
+        """JSON-ready dict, with the derived privacy gap, ratios and the full zero-shot interval."""
         out = asdict(self)
         out["privacy_gap_points"] = self.gap
+        interval = self.zero_shot_interval
+        if interval is not None:
+            out["full_zs_interval_95"] = list(interval)
+            above = {"plug_in": self.settings["plug_in"]["acc"] > interval[1]} if "plug_in" in self.settings else {}
+            above |= {name: row["plug_in"] > interval[1] for name, row in self.arms.items()}
+            out["plug_in_above_full_zs_interval"] = above
         if {"emulator", "full"} <= self.step_seconds.keys() and self.step_seconds["full"] > 0:
             out["step_time_ratio_emulator_over_full"] = self.step_seconds["emulator"] / self.step_seconds["full"]
         return out
@@ -86,6 +139,25 @@ class OffsiteReport:
                 lines.append(f"| {name} | {100 * row['acc']:.1f}% | {row.get('f1', float('nan')):.3f} |")
         if self.gap is not None:
             lines.append(f"| **Privacy gap Δ (plug-in − emulator FT)** | **{self.gap:+.1f} pts** | |")
+        interval = self.zero_shot_interval
+        if interval is not None:
+            lines.append(
+                f"| full zero-shot 95% interval (Wilson, n = {self.meta['test_size']}) | "
+                f"{100 * interval[0]:.1f}–{100 * interval[1]:.1f}% | |"
+            )
+        if self.arms:
+            lines += [
+                "",
+                "| emulator (same split, steps, lr) | params ratio | emulator ZS | emulator FT | plug-in | Δ | "
+                "plug-in above full ZS's 95% interval |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for name, r in self.arms.items():
+                above = "yes" if interval is not None and r["plug_in"] > interval[1] else "no"
+                lines.append(
+                    f"| {name} | {r['params_ratio']:.3f} | {100 * r['emulator_zs']:.1f}% | "
+                    f"{100 * r['emulator_ft']:.1f}% | {100 * r['plug_in']:.1f}% | {r['gap']:+.1f} | {above} |"
+                )
         if self.emulator:
             e = self.emulator
             lines += ["", "| emulator | value |", "|---|---|"]

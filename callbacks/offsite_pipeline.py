@@ -1,0 +1,160 @@
+"""Run the offsite-tuning recipe after the model owner's fit: one config, the whole experiment.
+
+:class:`OffsitePipeline` is the thin hook that lets ``python train.py fit --config configs/default.yaml`` run
+Offsite-Tuning / ScaleOT end to end (arXiv 2302.04870, 2412.09812): after the model owner's stage (ScaleOT stage 1
+or emulator distillation, whose emulator :class:`~privtune.callbacks.offsite_tuning.EmulatorExport` writes), it
+hands the emulator folder, the stage-1 state and the knobs to :class:`~privtune.recipes.offsite.OffsiteRecipe`,
+which runs the data owner's tuning and the five evaluation settings in nested Trainers built from this run's
+device, precision and logger. The work lives in the recipe; this callback holds no experiment logic.
+
+Threat model: a research harness playing both parties in one process; only artifact folders cross between them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from typing_extensions import override
+
+from privtune.callbacks.offsite_tuning import EmulatorExport
+from privtune.eval.offsite_report import run_provenance
+from privtune.recipes.offsite import (
+    EmulatorKnobs,
+    NestedTrainers,
+    OffsiteRecipe,
+    PipelineSettings,
+    ScaleOTStage1,
+    ScaleOTStage1Module,
+)
+
+
+class OffsitePipeline(pl.Callback):
+    """After the model owner's fit, run the data owner's tuning and the five settings; write the report.
+
+    Needs an :class:`~privtune.callbacks.offsite_tuning.EmulatorExport` earlier in ``trainer.callbacks`` (its
+    artifact is the emulator evaluated). Nested Trainers use this run's device, precision and logger.
+
+    Args:
+        output_dir: where the adapter artifacts and ``offsite_report.{json,md,png}`` go.
+        task: the data owner's private task: ``tweets``, ``bbc_news`` or a CSV / JSON-lines file with ``text`` and
+            ``label`` columns (then give ``label_words``).
+        train_size: training examples of the task.
+        val_size: validation examples.
+        test_size: test examples (all settings use the same ones).
+        max_length: tokens per example.
+        batch_size: training batch size.
+        max_steps: adapter-tuning steps (the same on every emulator and for the full-model baseline).
+        lr: adapter learning rate.
+        tuning: ``full`` (all adapter weights) or ``lora`` inside the adapter blocks.
+        alphas: extra ScaleOT ``α`` values to sweep (emulator re-generated from the same stage-1 run; each
+            adds an emulator fine-tuning and a plug-in evaluation).
+        uniform_drop_layers: also tune and plug Offsite-Tuning's undistilled 2-k-2 uniform drop with this ``k``
+            (a row beside the exported emulator in the same table); ``None`` for none.
+        seed: seed of the task split and the tuning runs.
+        title: first line of the report.
+        template: prompt of a file task (one ``{text}`` slot).
+        label_words: label words of a file task, in ``label_names`` order.
+        label_names: class order of a file task.
+        progress_every: a progress line every this many training steps of each nested run.
+
+    Raises:
+        ValueError: at construction for an unknown task or tuning, or a non-positive size or step count; in
+            ``setup`` without an ``EmulatorExport`` before it, for a multi-process run, or for ``alphas`` after a
+            module that is not a ScaleOT stage-1 module.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        task: Literal["tweets", "bbc_news"] | str = "tweets",
+        train_size: int = 400,
+        val_size: int = 64,
+        test_size: int = 300,
+        max_length: int = 64,
+        batch_size: int = 16,
+        max_steps: int = 40,
+        lr: float = 1e-4,
+        tuning: Literal["full", "lora"] = "full",
+        alphas: list[float] | None = None,
+        uniform_drop_layers: int | None = None,
+        seed: int = 0,
+        title: str = "",
+        template: str = "Text: {text}\nLabel:",
+        label_words: list[str] | None = None,
+        label_names: list[str] | None = None,
+        progress_every: int = 10,
+    ) -> None:
+        self.settings = PipelineSettings(
+            output_dir=output_dir,
+            task=task,
+            train_size=train_size,
+            val_size=val_size,
+            test_size=test_size,
+            max_length=max_length,
+            batch_size=batch_size,
+            max_steps=max_steps,
+            lr=lr,
+            tuning=tuning,
+            alphas=list(alphas or []),
+            uniform_drop_layers=uniform_drop_layers,
+            seed=seed,
+            title=title,
+            template=template,
+            label_words=label_words,
+            label_names=label_names,
+            progress_every=progress_every,
+        )  # validates
+        self.trainers: NestedTrainers | None = None
+        self.report: dict[str, Any] = {}
+        self._fit_start = 0.0
+
+    def _export(self, trainer: pl.Trainer) -> EmulatorExport:
+        callbacks = list(trainer.callbacks)
+        mine = callbacks.index(self) if self in callbacks else len(callbacks)
+        export = next((cb for cb in callbacks[:mine] if isinstance(cb, EmulatorExport)), None)
+        if export is None:
+            raise ValueError(
+                "OffsitePipeline needs an EmulatorExport callback before it in `trainer.callbacks` (its artifact is "
+                "the emulator evaluated). HINT: list EmulatorExport first, as configs/default.yaml does."
+            )
+        return export
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._export(trainer)
+        if self.settings.alphas and not isinstance(pl_module, ScaleOTStage1Module):
+            raise ValueError(
+                f"OffsitePipeline: `alphas={self.settings.alphas}` re-generate ScaleOT emulators from stage 1, but "
+                f"{type(pl_module).__name__} has no `layer_importance` / `harmonizers`. HINT: use "
+                "HarmonizerImportance with LayerReplace, or leave `alphas` empty."
+            )
+        self.trainers = NestedTrainers.from_trainer(trainer, self.settings.output_dir, self.settings.progress_every)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        export = self._export(trainer)
+        if export.plan is None or self.trainers is None:
+            raise RuntimeError("OffsitePipeline: the emulator was not exported; EmulatorExport must run first.")
+        owner_seconds = time.perf_counter() - self._fit_start
+        stage1 = ScaleOTStage1.from_module(pl_module) if self.settings.alphas else None
+        knobs = EmulatorKnobs(
+            export.adapter_layers, export.alpha, export.beta, export.beta_mlp, export.distill_steps,
+            export.distill_lr, export.distill_norm,
+        )  # fmt: skip
+        batches = list(trainer.datamodule.train_dataloader()) if stage1 is not None and export.distill_steps else []
+        self.report = OffsiteRecipe(self.settings, self.trainers).run(
+            export.output_dir,
+            owner_stage_seconds={"stage-1 / distillation (fit)": owner_seconds, "emulator export": export.seconds},
+            stage1=stage1,
+            knobs=knobs,
+            distill_batches=batches,
+            meta=run_provenance(),
+        )

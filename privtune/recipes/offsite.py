@@ -1,0 +1,648 @@
+"""Offsite-tuning as a recipe: the data owner's step and the five evaluation settings, after the model owner's step.
+
+Offsite-Tuning (arXiv 2302.04870) and ScaleOT (arXiv 2412.09812) evaluate an emulator by five settings
+(docs/offsite_tuning.md §2.7): full zero-shot, emulator zero-shot, full fine-tuning of the adapter blocks,
+emulator fine-tuned (the adapters tuned through the frozen emulator) and plug-in (those adapters in the original
+model). :class:`OffsiteRecipe` runs all of them with the project's modules, so the numbers are comparable:
+
+* full ZS and plug-in: :class:`~privtune.modules.TextClassifier` with ``tuning="none"`` (plug-in: the adapter
+  artifact written into the adapter blocks by :func:`~privtune.emulator.plug_adapters`);
+* FT: :class:`~privtune.modules.TextClassifier` with ``tuning="blocks"`` on the adapter blocks, i.e. the same
+  adapter budget trained inside the full model, with the same steps and learning rate;
+* emulator ZS / FT: :class:`~privtune.modules.OffsiteFinetune` on the emulator artifact; the adapter artifact is
+  written by :func:`~privtune.emulator.save_adapter_artifact` from the weights of the last step (there is no
+  checkpoint selection: the tuning runs without validation).
+
+Optionally it adds Offsite-Tuning's undistilled uniform layer drop beside the exported emulator
+(``uniform_drop_layers``) and re-generates ScaleOT emulators of the same stage-1 run for other ``α`` values.
+
+Every nested :class:`~lightning.pytorch.Trainer` is built by :class:`NestedTrainers` from the outer Trainer's device,
+precision and logger (a GPU run stays on its GPU), keeps Lightning's per-Trainer banners out of the log, and reports
+its progress as plain log lines (readable in CI and ``nohup`` logs, where no progress bar renders).
+
+Imports point one way: ``callbacks -> recipes -> modules, datamodules -> core``. Threat model: a research harness
+that plays both parties in one process; the artifacts it exchanges are the folders two machines would exchange.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import Tensor, nn
+from typing_extensions import override
+
+from privtune.datamodules import BBCNews, TextFile, TweetsSentiment
+from privtune.emulator import (
+    EmulatorPlan,
+    build_scaleot_emulator,
+    check_base_model,
+    count_parameters,
+    distill_emulator,
+    load_adapter_artifact,
+    load_emulator_artifact,
+    plug_adapters,
+    read_plan,
+    save_adapter_artifact,
+    save_emulator_artifact,
+)
+from privtune.eval.offsite_report import OffsiteReport, privacy_gap
+from privtune.models import load_model
+from privtune.modules.classifier import TextClassifier
+from privtune.modules.offsite_finetune import OffsiteFinetune
+
+PROGRESS_TAG = "privtune_progress"
+"""Attribute a log record carries when it is the recipe's own progress line (kept while nested Trainers run)."""
+
+# The loggers through which a nested Trainer announces itself ("GPU available", the logger tip, "LOCAL_RANK").
+_CHATTY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
+
+
+def progress(message: str) -> None:
+    """One plain progress line on rank zero (``[offsite] ...``), also while nested Trainers are quiet."""
+    rank_zero_info(f"[offsite] {message}", extra={PROGRESS_TAG: True})
+
+
+class _OnlyProgress(logging.Filter):
+    @override
+    def filter(self, record: logging.LogRecord) -> bool:
+        return bool(getattr(record, PROGRESS_TAG, False))
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence the banners and possible-misuse hints each nested Trainer repeats; progress lines still pass."""
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    only_progress = _OnlyProgress()
+    for log in loggers:
+        log.addFilter(only_progress)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=PossibleUserWarning)
+            # Lightning's own deprecation notices: the outer run has shown them once already (a fresh warnings
+            # context would repeat them for every nested Trainer).
+            for category in (DeprecationWarning, FutureWarning):
+                warnings.filterwarnings("ignore", category=category, module=r"lightning\.")
+            yield
+    finally:
+        for log in loggers:
+            log.removeFilter(only_progress)
+
+
+@dataclass
+class PipelineSettings:
+    """The data owner's task and tuning budget, and what the report compares (validated).
+
+    Attributes:
+        output_dir: where the adapter artifacts and ``offsite_report.{json,md,png}`` go.
+        task: ``tweets``, ``bbc_news`` or a CSV / TSV / JSON-lines file with ``text`` and ``label`` columns.
+        train_size: training examples of the task.
+        val_size: validation examples.
+        test_size: test examples (all settings use the same ones).
+        max_length: tokens per example.
+        batch_size: training batch size.
+        max_steps: adapter-tuning steps (the same on every emulator and for the full-model baseline).
+        lr: adapter learning rate.
+        tuning: ``full`` (all adapter weights) or ``lora`` inside the adapter blocks.
+        alphas: extra ScaleOT ``α`` values, each an emulator re-generated from the same stage-1 run.
+        uniform_drop_layers: ``k`` of an Offsite-Tuning 2-k-2 uniform layer drop (undistilled, built in process)
+            tuned and plugged beside the exported emulator; ``None`` for none.
+        seed: seed of the task split and of the tuning runs.
+        title: first line of the report.
+        template: prompt of a file task (one ``{text}`` slot).
+        label_words: label words of a file task, in ``label_names`` order.
+        label_names: class order of a file task.
+        progress_every: log a progress line every this many training steps.
+    """
+
+    output_dir: str
+    task: str = "tweets"
+    train_size: int = 400
+    val_size: int = 64
+    test_size: int = 300
+    max_length: int = 64
+    batch_size: int = 16
+    max_steps: int = 40
+    lr: float = 1e-4
+    tuning: str = "full"
+    alphas: list[float] = field(default_factory=list)
+    uniform_drop_layers: int | None = None
+    seed: int = 0
+    title: str = ""
+    template: str = "Text: {text}\nLabel:"
+    label_words: list[str] | None = None
+    label_names: list[str] | None = None
+    progress_every: int = 10
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.task not in ("tweets", "bbc_news") and not self.task.endswith((".csv", ".tsv", ".jsonl", ".json")):
+            problems.append(f"`task={self.task!r}` must be 'tweets', 'bbc_news' or a .csv/.tsv/.jsonl/.json file")
+        if self.task not in ("tweets", "bbc_news") and not self.label_words:
+            problems.append("a file `task` needs `label_words` (one single-token word per class)")
+        if self.tuning not in ("full", "lora"):
+            problems.append(f"`tuning={self.tuning!r}` must be 'full' or 'lora'")
+        for name in ("train_size", "val_size", "test_size", "max_length", "batch_size", "max_steps", "progress_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"`{name}={getattr(self, name)}` must be >= 1")
+        if not self.lr > 0:
+            problems.append(f"`lr={self.lr}` must be > 0")
+        bad = [a for a in self.alphas if not 0.0 <= a < 1.0]
+        if bad:
+            problems.append(f"`alphas={self.alphas}`: {bad} outside [0, 1)")
+        if self.uniform_drop_layers is not None and self.uniform_drop_layers < 1:
+            problems.append(f"`uniform_drop_layers={self.uniform_drop_layers}` must be >= 1 kept middle blocks")
+        if problems:
+            raise ValueError("OffsitePipeline: " + "; ".join(problems) + ".")
+
+
+class StepTimer(pl.Callback):
+    """Wall time of each training step (batch start to batch end, optimizer step included)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t = 0.0
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._t = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self._t)
+
+    @property
+    def mean(self) -> float:
+        """Mean step time without the first (warm-up) step."""
+        times = self.times[1:] or self.times
+        return sum(times) / max(len(times), 1)
+
+
+class StageProgress(pl.Callback):
+    """Plain progress lines of one nested run: ``[offsite] <stage>: step i/N, loss x, t s`` every ``every`` steps."""
+
+    def __init__(self, stage: str, every: int) -> None:
+        self.stage, self.every = stage, every
+        self._start = 0.0
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+        progress(f"{self.stage}: {trainer.max_steps} steps on {trainer.strategy.root_device}")
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every and step != trainer.max_steps:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        shown = f", loss {float(loss):.4f}" if isinstance(loss, Tensor) else ""
+        elapsed = time.perf_counter() - self._start
+        progress(f"{self.stage}: step {step}/{trainer.max_steps}{shown}, {elapsed:.1f} s")
+
+
+class StageLogger(Logger):
+    """Forwards one nested run's metrics to the outer run's logger under ``<stage>/``; never finalizes it."""
+
+    def __init__(self, outer: Logger, stage: str) -> None:
+        super().__init__()
+        self.outer, self.stage = outer, stage
+
+    @property
+    @override
+    def name(self) -> str | None:
+        return self.outer.name
+
+    @property
+    @override
+    def version(self) -> int | str | None:
+        return self.outer.version
+
+    @property
+    @override
+    def save_dir(self) -> str | None:
+        return self.outer.save_dir
+
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.outer.log_metrics({f"{self.stage}/{k}": v for k, v in metrics.items()}, step)
+
+    @override
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """The outer run logged the configuration; a nested run adds nothing."""
+
+    @override
+    def save(self) -> None:
+        self.outer.save()
+
+    @override
+    def finalize(self, status: str) -> None:
+        self.outer.save()  # the outer run is still going: flush, do not close
+
+
+@dataclass(frozen=True)
+class NestedTrainers:
+    """How the recipe builds each nested Trainer: the outer run's device, precision and logger, quiet, one device.
+
+    Attributes:
+        accelerator: ``cpu``, ``cuda``, ``mps`` (from the outer Trainer's root device) or ``auto``.
+        devices: the device list (``[index]`` on CUDA) or count.
+        precision: Lightning precision string, e.g. ``32-true``, ``bf16-mixed``.
+        logger: the outer run's logger (each stage logs under its own prefix), or ``None``.
+        root_dir: ``default_root_dir`` of the nested runs.
+        progress_every: a progress line every this many training steps.
+    """
+
+    accelerator: str
+    devices: int | list[int]
+    precision: str
+    logger: Logger | None = None
+    root_dir: str = "."
+    progress_every: int = 10
+
+    @classmethod
+    def from_trainer(cls, trainer: pl.Trainer, root_dir: str, progress_every: int = 10) -> NestedTrainers:
+        """Nested runs on the outer ``trainer``'s root device, with its precision and logger.
+
+        Raises:
+            ValueError: if the outer run spans several processes (the nested runs use one device), or its device
+                type has no single-device Lightning accelerator here.
+        """
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"OffsitePipeline: the outer Trainer runs {trainer.world_size} processes, but the data owner's tuning "
+                "and the evaluations run on one device. HINT: run the model owner's stage with `trainer.devices: 1`."
+            )
+        device = trainer.strategy.root_device
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(
+                f"OffsitePipeline: the outer Trainer runs on `{device}`; nested runs support cpu, cuda and mps. "
+                "HINT: set `trainer.accelerator` to one of them."
+            )
+        devices: int | list[int] = [device.index] if device.type == "cuda" and device.index is not None else 1
+        return cls(device.type, devices, str(trainer.precision), trainer.logger, root_dir, progress_every)
+
+    @classmethod
+    def auto(cls, root_dir: str, progress_every: int = 10) -> NestedTrainers:
+        """For scripts without an outer run: Lightning's accelerator choice, one device, fp32, no logger."""
+        return cls("auto", 1, "32-true", None, root_dir, progress_every)
+
+    def build(self, stage: str, max_steps: int = -1, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
+        """A quiet Trainer for ``stage`` (its metrics logged under ``<stage>/`` in the outer logger)."""
+        with quiet_lightning():
+            return pl.Trainer(
+                accelerator=self.accelerator,
+                devices=self.devices,
+                precision=self.precision,  # type: ignore[arg-type]
+                max_steps=max_steps,
+                max_epochs=-1 if max_steps > 0 else None,
+                logger=StageLogger(self.logger, stage) if self.logger is not None else False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                limit_val_batches=0,
+                num_sanity_val_steps=0,
+                log_every_n_steps=self.progress_every,
+                callbacks=list(callbacks),
+                default_root_dir=self.root_dir,
+            )
+
+    def fit(
+        self, stage: str, module: pl.LightningModule, datamodule: pl.LightningDataModule, steps: int, seed: int
+    ) -> StepTimer:
+        """Train ``module`` for ``steps`` steps (seeded); returns the step timer."""
+        pl.seed_everything(seed, verbose=False)
+        timer = StepTimer()
+        trainer = self.build(stage, steps, [timer, StageProgress(stage, self.progress_every)])
+        with quiet_lightning():
+            trainer.fit(module, datamodule=datamodule)
+        return timer
+
+    def test(self, stage: str, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, float]:
+        """Test accuracy and macro-F1 of ``module``; logs one progress line with the result."""
+        start = time.perf_counter()
+        with quiet_lightning():
+            result = self.build(stage).test(module, datamodule=datamodule, verbose=False)[0]
+        out = {"acc": float(result["test/acc"]), "f1": float(result["test/f1"])}
+        seconds = time.perf_counter() - start
+        progress(f"{stage}: accuracy {100 * out['acc']:.1f}%, macro-F1 {out['f1']:.3f} ({seconds:.1f} s)")
+        return out
+
+
+@runtime_checkable
+class ScaleOTStage1Module(Protocol):
+    """What a ScaleOT stage-1 module holds (e.g. :class:`~privtune.modules.HarmonizerImportance`)."""
+
+    model: nn.Module
+    model_name: str
+    layer_importance: Tensor
+    harmonizers: nn.ModuleDict
+
+
+@dataclass
+class ScaleOTStage1:
+    """What ScaleOT's stage 1 leaves at the model owner: the original model, the layer scores and the harmonizers."""
+
+    model: nn.Module
+    model_name: str
+    layer_importance: Tensor
+    harmonizers: nn.ModuleDict
+
+    @classmethod
+    def from_module(cls, module: object) -> ScaleOTStage1:
+        """Read the stage-1 state of ``module``.
+
+        Raises:
+            TypeError: naming the missing attribute when ``module`` is not a ScaleOT stage-1 module.
+        """
+        missing = [a for a in ("model", "model_name", "layer_importance", "harmonizers") if not hasattr(module, a)]
+        if missing or not getattr(module, "harmonizers", None):
+            raise TypeError(
+                f"{type(module).__name__} is not a trained ScaleOT stage-1 module (missing {missing or ['harmonizers']}"
+                "); an α sweep re-generates emulators from stage 1. HINT: use HarmonizerImportance with LayerReplace, "
+                "or leave `alphas` empty (docs/offsite_tuning.md)."
+            )
+        m: ScaleOTStage1Module = module  # type: ignore[assignment]
+        return cls(m.model, m.model_name, m.layer_importance, m.harmonizers)
+
+
+@dataclass(frozen=True)
+class EmulatorKnobs:
+    """ScaleOT's emulator knobs ``(N_a, α, β)``, the MLP rank and the optional OT distillation after generation."""
+
+    adapter_layers: int = 4
+    alpha: float = 0.5
+    beta: float = 0.8
+    beta_mlp: float = 0.9
+    distill_steps: int = 0
+    distill_lr: float = 1e-4
+    distill_norm: Literal["global", "per_dim", "global+per_dim"] = "global"
+
+
+def generate_scaleot_emulator(
+    stage1: ScaleOTStage1,
+    knobs: EmulatorKnobs,
+    output_dir: str,
+    distill_batches: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """Build, optionally distil, and export the ScaleOT emulator of ``stage1`` for ``knobs``; return its folder.
+
+    Raises:
+        ValueError: for ``distill_steps > 0`` without ``distill_batches``, or knobs the builder rejects.
+    """
+    if knobs.distill_steps and not distill_batches:
+        raise ValueError(f"`distill_steps={knobs.distill_steps}` needs the owner's LM batches (`distill_batches`).")
+    rank = next(iter(stage1.harmonizers.values())).down.out_features
+    emulator, plan = build_scaleot_emulator(
+        stage1.model, stage1.layer_importance.cpu(), stage1.harmonizers, knobs.adapter_layers, knobs.alpha,
+        knobs.beta, knobs.beta_mlp, rank,
+    )  # fmt: skip
+    plan.base_model = stage1.model_name
+    if knobs.distill_steps:
+        device = next(stage1.model.parameters()).device
+        batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in distill_batches]
+        distill_emulator(
+            stage1.model, emulator.to(device), plan, batches, knobs.distill_steps, knobs.distill_lr,
+            kd_norm=knobs.distill_norm,
+        )  # fmt: skip
+        plan.info |= {"distill_steps": knobs.distill_steps, "distill_norm": knobs.distill_norm}
+    save_emulator_artifact(output_dir, emulator.cpu(), plan, stage1.model.cpu())
+    return output_dir
+
+
+def make_datamodule(settings: PipelineSettings, model_name: str) -> pl.LightningDataModule:
+    """The data owner's task datamodule (tokenizer of ``model_name``)."""
+    common = {
+        "train_size": settings.train_size,
+        "val_size": settings.val_size,
+        "test_size": settings.test_size,
+        "max_length": settings.max_length,
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+        "tokenizer": model_name,
+    }
+    if settings.task == "tweets":
+        return TweetsSentiment(**common)
+    if settings.task == "bbc_news":
+        return BBCNews(**common)
+    return TextFile(
+        settings.task,
+        template=settings.template,
+        label_words=settings.label_words,
+        label_names=settings.label_names,
+        **common,
+    )
+
+
+def plugged_classifier(model_name: str, adapter_dir: str | Path) -> TextClassifier:
+    """The original model with the adapter artifact plugged into its adapter blocks (OT plug-in), untuned.
+
+    Raises:
+        ValueError: if the artifact was trained for another base model, or its keys or shapes do not fit.
+    """
+    classifier = TextClassifier(model_name, tuning="none")
+    adapters, plan = load_adapter_artifact(adapter_dir)
+    check_base_model(plan, classifier.model, what=f"adapter artifact {adapter_dir}")
+    plug_adapters(classifier.model, adapters, plan)
+    return classifier
+
+
+class OffsiteRecipe:
+    """The data owner's tuning and the five settings on an emulator artifact, with optional comparison arms.
+
+    Args:
+        settings: task, budget and arms (:class:`PipelineSettings`).
+        trainers: how nested Trainers are built (:meth:`NestedTrainers.from_trainer` inside a run).
+    """
+
+    def __init__(self, settings: PipelineSettings, trainers: NestedTrainers) -> None:
+        self.settings = settings
+        self.trainers = trainers
+
+    def tune_emulator_and_plug_in(
+        self,
+        model_name: str,
+        emulator_dir: str | None,
+        adapter_dir: str,
+        datamodule: pl.LightningDataModule,
+        emulator_layers: int | None = None,
+        arm: str = "emulator",
+        adapters: tuple[int, int] = (2, 2),
+    ) -> dict[str, Any]:
+        """Data owner: emulator ZS, adapter tuning (emulator FT); model owner: plug-in. Returns the rows and costs.
+
+        ``emulator_dir=None`` with ``emulator_layers=k`` builds an undistilled ``adapters[0]``-k-``adapters[1]``
+        uniform-drop emulator in process (Offsite-Tuning's training-free OT†, which cannot be exported as an
+        artifact: it holds original blocks).
+        """
+        s, t = self.settings, self.trainers
+        source: dict[str, Any] = {"emulator_dir": emulator_dir, "emulator_layers": emulator_layers}
+        if emulator_dir is None:
+            source |= {"adapter_bottom": adapters[0], "adapter_top": adapters[1]}
+        out: dict[str, Any] = {}
+        start = time.perf_counter()
+        untuned = OffsiteFinetune(model_name, **source, tuning="none")
+        out["emulator_zs"] = t.test(f"{arm}_zero_shot", untuned, datamodule)
+        out["seconds_emulator_zs"] = time.perf_counter() - start
+        module = OffsiteFinetune(model_name, **source, tuning=s.tuning, lr=s.lr)  # type: ignore[arg-type]
+        start = time.perf_counter()
+        timer = t.fit(f"{arm}_data_owner_tuning", module, datamodule, s.max_steps, s.seed)
+        save_adapter_artifact(adapter_dir, module.adapter_state(), module.plan)  # the last step's adapters
+        out["seconds_emulator_fit"] = time.perf_counter() - start
+        out["step_emulator"] = timer.mean
+        out["emulator_ft"] = t.test(f"{arm}_fine_tuned", module, datamodule)
+        out["emulator_params"] = count_parameters(module.model)
+        out["emulator_middle_params"] = count_parameters(module.model, module.plan)
+        start = time.perf_counter()
+        out["plug_in"] = t.test(f"{arm}_plug_in", plugged_classifier(model_name, adapter_dir), datamodule)
+        out["seconds_plug_in"] = time.perf_counter() - start
+        return out
+
+    def full_model(
+        self, model_name: str, datamodule: pl.LightningDataModule, adapter_indices: Sequence[int]
+    ) -> tuple[dict[str, float], dict[str, float], StepTimer]:
+        """``(full zero-shot, full fine-tuning of the adapter blocks, its step timer)``."""
+        s, t = self.settings, self.trainers
+        zs = t.test("full_zero_shot", TextClassifier(model_name, tuning="none"), datamodule)
+        ft = TextClassifier(model_name, tuning="blocks", trainable_blocks=list(adapter_indices), lr=s.lr)
+        timer = t.fit("full_fine_tuning", ft, datamodule, s.max_steps, s.seed)
+        return zs, t.test("full_fine_tuned", ft, datamodule), timer
+
+    def run(
+        self,
+        emulator_dir: str,
+        owner_stage_seconds: Mapping[str, float] | None = None,
+        stage1: ScaleOTStage1 | None = None,
+        knobs: EmulatorKnobs | None = None,
+        distill_batches: Sequence[Mapping[str, Any]] = (),
+        meta: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The five settings on ``emulator_dir``, the comparison arm and the α sweep; writes and logs the report.
+
+        Raises:
+            ValueError: for an α sweep without the stage-1 state and knobs it re-generates emulators from.
+        """
+        s = self.settings
+        if s.alphas and (stage1 is None or knobs is None):
+            raise ValueError(
+                f"`alphas={s.alphas}` re-generate ScaleOT emulators from stage 1, but no stage-1 state was given. "
+                "HINT: run the sweep after HarmonizerImportance + LayerReplace, or leave `alphas` empty."
+            )
+        plan = read_plan(emulator_dir)
+        model_name = plan.base_model
+        out_dir = Path(s.output_dir)
+        datamodule = make_datamodule(s, model_name)
+        stages = dict(owner_stage_seconds or {})
+        rows: dict[str, dict[str, float]] = {}
+        arm_name = _arm_name(plan)
+
+        start = time.perf_counter()
+        rows["full_zs"], rows["ft"], ft_timer = self.full_model(model_name, datamodule, plan.split.adapter_indices)
+        stages[f"full zero-shot eval + full-model tuning of the same blocks ({s.max_steps} steps)"] = (
+            time.perf_counter() - start
+        )
+        owner = self.tune_emulator_and_plug_in(
+            model_name, emulator_dir, str(out_dir / "adapters"), datamodule, arm=arm_name
+        )
+        rows |= {k: owner[k] for k in ("emulator_zs", "emulator_ft", "plug_in")}
+        stages["emulator zero-shot eval"] = owner["seconds_emulator_zs"]
+        stages[f"data owner: adapter tuning on emulator ({s.max_steps} steps)"] = owner["seconds_emulator_fit"]
+        stages["plug-in eval"] = owner["seconds_plug_in"]
+
+        full_params = count_parameters(load_model(model_name))
+        emulator, _ = load_emulator_artifact(emulator_dir)
+        emulator_params = count_parameters(emulator)
+        sizes = {
+            "method": plan.method,
+            "layers (adapter / block / harmonizer)": "/".join(
+                str(plan.kinds.count(k)) for k in ("adapter", "block", "harmonizer")
+            ),
+            "params": emulator_params,
+            "full_params": full_params,
+            "params ratio": round(emulator_params / full_params, 3),
+            "middle params": count_parameters(emulator, plan),
+            **plan.info,
+        }
+        arms = {arm_name: _arm_row(owner, emulator_params, full_params)}
+        if s.uniform_drop_layers is not None:
+            k = s.uniform_drop_layers
+            name = f"ot_uniform_drop_{plan.adapter_bottom}-{k}-{plan.adapter_top}"
+            start = time.perf_counter()
+            drop = self.tune_emulator_and_plug_in(
+                model_name, None, str(out_dir / f"adapters_{name}"), datamodule, k, arm=name,
+                adapters=(plan.adapter_bottom, plan.adapter_top),
+            )  # fmt: skip
+            stages[f"OT uniform drop 2-{k}-2: zero-shot, tuning, plug-in"] = time.perf_counter() - start
+            arms[name] = _arm_row(drop, drop["emulator_params"], full_params)
+
+        sweep: list[dict[str, float]] = []
+        if s.alphas and stage1 is not None and knobs is not None:
+            sweep.append({"alpha": float(plan.info.get("alpha", float("nan")))} | _sweep_row(owner, emulator_params))
+            for alpha in s.alphas:
+                start = time.perf_counter()
+                folder = generate_scaleot_emulator(
+                    stage1, replace(knobs, alpha=alpha), f"{emulator_dir}_alpha{alpha:g}", distill_batches
+                )
+                res = self.tune_emulator_and_plug_in(
+                    model_name, folder, str(out_dir / f"adapters_alpha{alpha:g}"), datamodule, arm=f"alpha{alpha:g}"
+                )
+                sweep.append({"alpha": alpha} | _sweep_row(res, res["emulator_params"]))
+                stages[f"α = {alpha:g}: generation, tuning, plug-in"] = time.perf_counter() - start
+
+        report = OffsiteReport(
+            title=s.title or f"{model_name}, {s.task}: {plan.method} emulator",
+            settings=rows,
+            emulator=sizes,
+            step_seconds={"emulator": owner["step_emulator"], "full": ft_timer.mean},
+            stage_seconds=stages,
+            sweep=sorted(sweep, key=lambda r: r["alpha"]),
+            arms=arms,
+            meta={
+                "model": model_name,
+                "emulator_dir": emulator_dir,
+                "accelerator": self.trainers.accelerator,
+                "precision": self.trainers.precision,
+                **asdict(s),
+                **dict(meta or {}),
+            },
+        )
+        report.write(out_dir)
+        rank_zero_info("\n" + report.markdown())
+        return report.to_dict()
+
+
+def _arm_name(plan: EmulatorPlan) -> str:
+    return {"scaleot": "scaleot", "uniform_drop": "ot_kd", "gradot": "gradot"}.get(plan.method, plan.method)
+
+
+def _arm_row(res: Mapping[str, Any], params: int, full_params: int) -> dict[str, float]:
+    return {
+        "params": params,
+        "params_ratio": round(params / full_params, 3),
+        "emulator_zs": res["emulator_zs"]["acc"],
+        "emulator_ft": res["emulator_ft"]["acc"],
+        "plug_in": res["plug_in"]["acc"],
+        "gap": privacy_gap(res["plug_in"]["acc"], res["emulator_ft"]["acc"]),
+    }
+
+
+def _sweep_row(res: Mapping[str, Any], params: int) -> dict[str, float]:
+    return {
+        "emulator_params": params,
+        "emulator_ft": res["emulator_ft"]["acc"],
+        "plug_in": res["plug_in"]["acc"],
+        "gap": privacy_gap(res["plug_in"]["acc"], res["emulator_ft"]["acc"]),
+    }
