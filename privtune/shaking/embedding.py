@@ -167,6 +167,11 @@ def _set_state(model: nn.Module, state: str) -> None:
     setattr(unwrap(model).config, STATE_ATTR, state)
 
 
+def shaking_fingerprint(model: nn.Module) -> str | None:
+    """The fingerprint of the key that shook ``model`` (recorded by :func:`shake_model`; ``None`` if unknown)."""
+    return getattr(unwrap(model).config, STATE_ATTR + "_key", None)
+
+
 def head_is_vertical(model: nn.Module) -> bool:
     """Whether the shaken model's LM head carries the vertical chain (recorded by :func:`shake_model`)."""
     return bool(getattr(unwrap(model).config, STATE_ATTR + "_head_vertical", False))
@@ -207,6 +212,7 @@ def shake_model(model: nn.Module, key: ShakeKey, *, shake_lm_head_vertical: bool
             head.bias.copy_(permute_rows(head.bias, key))
     _set_state(model, "shaken")
     setattr(unwrap(model).config, STATE_ATTR + "_head_vertical", head_vertical)
+    setattr(unwrap(model).config, STATE_ATTR + "_key", key.fingerprint())
 
 
 @torch.no_grad()
@@ -236,6 +242,24 @@ def recover_model(model: nn.Module, key: ShakeKey, mode: RecoveryMode = "horizon
         if getattr(head, "bias", None) is not None:
             head.bias.copy_(unpermute_rows(head.bias, key))
     _set_state(model, f"recovered-{mode}")
+
+
+@torch.no_grad()
+def restore_plain(model: nn.Module, key: ShakeKey) -> None:
+    """Undo shaking of a model whose shaken tables were **not trained**: back to the original model.
+
+    Full recovery (``Vert^-1`` and ``pi^-1``) of untrained tables gives the original rows up to float rounding
+    (the chain runs in float64), so the model is marked ``plain`` again and can be shaken anew. Used when a
+    run fails part-way, so that the caller's model is not left shaken.
+
+    Raises:
+        ValueError: if the model is not shaken or the key does not fit.
+    """
+    recover_model(model, key, "full")
+    config = unwrap(model).config
+    for suffix in ("", "_head_vertical", "_key"):
+        if hasattr(config, STATE_ATTR + suffix):
+            delattr(config, STATE_ATTR + suffix)
 
 
 def shaken_parameter_names(model: nn.Module, root: nn.Module | None = None) -> dict[str, list[str]]:

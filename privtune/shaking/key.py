@@ -23,7 +23,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -306,6 +306,11 @@ class ShakeKey:
         return bool(self.ops)
 
     @property
+    def is_identity(self) -> bool:
+        """Whether the key changes nothing: no vertical step and ``pi`` the identity (the cloud sees plain ids)."""
+        return not self.ops and bool(torch.equal(self.perm, torch.arange(self.vocab_size)))
+
+    @property
     def invertible(self) -> bool:
         """Whether every vertical step can be undone exactly (all can with fixed noise)."""
         return all(get_operator(s.name).invertible for s in self.ops)
@@ -368,6 +373,69 @@ class ShakeKey:
     def plain_logits(self, logits: Tensor) -> Tensor:
         """Shaken-space logits ``[..., V]`` back to the plain vocabulary order: ``logits[..., pi]``."""
         return logits.index_select(-1, self.perm.to(logits.device))
+
+
+KEY_OPTIONS = ("operators", "chain_length", "chain", "scales", "permute", "pin")
+
+
+def compare_key_options(key: ShakeKey, given: dict[str, Any], *, source: str = "the key file") -> list[str]:
+    """Check the key-drawing options a user gave against an existing key; returns the options it ignores.
+
+    A key file, once it exists, decides the key: the options only draw new keys. An option that contradicts the
+    file (``permute: false`` against a permuting key, another chain, another scale...) is an error, since the
+    run would not be protected the way its config says. An option that the file cannot confirm (an operator
+    or a scale that the key's chain does not use) is returned, so the caller can name it in a warning.
+
+    Args:
+        key: the existing key.
+        given: the options the user set explicitly (names in :data:`KEY_OPTIONS`; unset ones left out).
+        source: how to name the key in messages (e.g. ``"`key_path='k.json'`"``).
+
+    Raises:
+        ValueError: naming every conflicting option, its configured value and the key file's value.
+    """
+    unknown = sorted(set(given) - set(KEY_OPTIONS))
+    if unknown:
+        raise ValueError(f"Unknown key option(s) {unknown}; allowed: {', '.join(KEY_OPTIONS)}.")
+    names = [s.name for s in key.ops]
+    conflicts: list[str] = []
+    ignored: list[str] = []
+
+    def clash(option: str, configured: Any, held: Any) -> None:
+        conflicts.append(f"`{option}={configured!r}` (the file has {held!r})")
+
+    if "chain_length" in given and given["chain_length"] != len(names):
+        clash("chain_length", given["chain_length"], len(names))
+    if "chain" in given and given["chain"] and list(given["chain"]) != names:
+        clash("chain", list(given["chain"]), names)
+    if "operators" in given:
+        operators = list(given["operators"])
+        if not set(names) <= set(operators):
+            clash("operators", operators, sorted(set(names)))
+        elif set(operators) - set(names):
+            ignored.append(f"operators {sorted(set(operators) - set(names))} (not in the key's chain {names})")
+    if "permute" in given and bool(given["permute"]) != key.permute:
+        clash("permute", bool(given["permute"]), key.permute)
+    if "pin" in given and given["pin"] != key.pin:
+        clash("pin", given["pin"], key.pin)
+    for op, params in (given.get("scales") or {}).items():
+        steps = [s for s in key.ops if s.name == op]
+        if not steps:
+            ignored.append(f"scales.{op} (no {op} step in the key's chain {names})")
+            continue
+        operator = get_operator(op)
+        wanted = operator.validate(dict(params))
+        for param in params:
+            held = [operator.validate(dict(step.params))[param] for step in steps]
+            if any(abs(h - wanted[param]) > 1e-12 * max(1.0, abs(h)) for h in held):
+                clash(f"scales.{op}.{param}", wanted[param], held[0] if len(set(held)) == 1 else held)
+    if conflicts:
+        raise ValueError(
+            f"{source} holds a key that contradicts the configured key option(s): {'; '.join(conflicts)}. The key "
+            "file decides the key once it exists. HINT: remove these options (or set them to the file's values), "
+            "or point `key_path` at a new file to draw a key from them."
+        )
+    return ignored
 
 
 def available_operators() -> list[str]:

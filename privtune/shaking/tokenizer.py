@@ -4,7 +4,8 @@ CypherTalk (arXiv 2403.07283), private tuning and inference: the client sends ``
 reads ``detokenize(pi^-1[out])``; the cloud sees only shaken ids. :class:`ShakenTokenizer` wraps any
 Hugging Face tokenizer so that ``__call__``/``encode`` return shaken ids and ``decode``/``batch_decode``
 accept them; special-token id attributes are mapped too (pinned specials map to themselves). Everything
-else is delegated to the wrapped tokenizer, so a datamodule can use it as its tokenizer.
+else is delegated to the wrapped tokenizer, so a datamodule can use it as its tokenizer; a method the
+wrapped tokenizer lacks (``build_inputs_with_special_tokens`` in transformers 5) is missing here too.
 
 Threat model: it runs on the client only; it holds the key.
 """
@@ -28,6 +29,13 @@ _ID_ATTRS = (
     "sep_token_id",
     "mask_token_id",
 )
+
+
+#: tokenizer methods that take and return ids: wrapped (in the shaken space) only when the tokenizer has them
+_ID_METHODS = {
+    "build_inputs_with_special_tokens": "_build_inputs_with_special_tokens",
+    "apply_chat_template": "_apply_chat_template",
+}
 
 
 class ShakenTokenizer:
@@ -95,10 +103,20 @@ class ShakenTokenizer:
         """Tokens of shaken ids."""
         return self.tokenizer.convert_ids_to_tokens(self.unshake_ids(ids), **kwargs)
 
-    def build_inputs_with_special_tokens(self, ids: list[int], *rest: Any) -> list[int]:
+    def _build_inputs_with_special_tokens(self, ids: list[int], *rest: Any) -> list[int]:
         """Add the model's special tokens around shaken ids (in the shaken space)."""
         plain = self.tokenizer.build_inputs_with_special_tokens(self.unshake_ids(list(ids)), *rest)
         return self.shake_ids(list(plain))
+
+    def _apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        """The chat template's text (``tokenize=False``) or its shaken ids (never plain ids)."""
+        out = self.tokenizer.apply_chat_template(*args, **kwargs)
+        if isinstance(out, str) or (isinstance(out, list) and out and isinstance(out[0], str)):
+            return out
+        if hasattr(out, "keys") and "input_ids" in out:
+            out["input_ids"] = self.shake_ids(out["input_ids"])
+            return out
+        return self.shake_ids(out)
 
     def __len__(self) -> int:
         return len(self.tokenizer)
@@ -107,7 +125,11 @@ class ShakenTokenizer:
         # Special-token ids are mapped; everything else (padding_side, pad_token, chat template...) is delegated.
         if name in ("tokenizer", "key"):
             raise AttributeError(name)
-        value = getattr(self.tokenizer, name)
+        value = getattr(self.tokenizer, name)  # a method the wrapped tokenizer lacks stays missing here too
+        if name in _ID_METHODS:
+            # Only offered where the wrapped tokenizer has it (transformers 5 fast tokenizers do not), so that
+            # callers probing with getattr/hasattr take their fallback, as they would with the plain tokenizer.
+            return getattr(self, _ID_METHODS[name])
         if name in _ID_ATTRS and value is not None:
             return self.shake_ids(int(value))
         if name == "all_special_ids":
