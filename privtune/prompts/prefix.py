@@ -1,14 +1,16 @@
 """Deep prefix prompts: trainable key/value prefixes at every layer of a frozen transformer.
 
 P-tuning v2 (Liu et al., arXiv 2110.07602) as used by FedPepTAO (Che et al., EMNLP 2023, arXiv 2310.15080):
-one tensor, no reparameterisation MLP, fed to the model through ``past_key_values`` so that every block's
-self-attention sees ``P`` extra key/value positions. The backbone stays frozen.
+one tensor, no reparameterisation MLP, handed to the model as a key/value ``Cache`` prefilled with the prefix, so
+that every block's self-attention sees ``P`` extra key/value positions. The backbone stays frozen. The logits equal
+peft's ``PrefixTuning`` (``prefix_projection=False``) with the same prefix (``tests/test_prompts_prefix.py``).
 
 Threat model: in federated prompt tuning the prefix is the only trained state, so it is the only thing a client
 ever sends; the client's text never leaves it. (The prefix itself can leak information about the data; this
 module does not add noise.)
 
-Layout of the parameter (layer-major, then key/value, then the key/value width)::
+Layout of the parameter (layer-major, then key/value, then the key/value width; the same flattening as peft's
+prefix embedding ``[P, L * 2 * H_kv]``)::
 
     weight : [P, L, 2, H_kv]          H_kv = num_key_value_heads * head_dim  (GQA: not the hidden size)
               |  |  |
@@ -18,12 +20,14 @@ Layout of the parameter (layer-major, then key/value, then the key/value width):
 
     slice(layers) -> weight[:, layers]   [P, |layers|, 2, H_kv]   what FedPepTAO communicates
 
-At forward time ``cache(B)`` builds a transformers ``DynamicCache`` whose layer ``l`` holds
-``key = weight[:, l, 0]`` and ``value = weight[:, l, 1]`` reshaped to ``[B, heads_kv, P, head_dim]``, after
-dropout; ``extend_mask`` prepends ``P`` ones to the attention mask. Decoders (Llama, GPT-2, OPT families) and
-BERT-family encoders of transformers 5 accept this cache; positions of the real tokens then start at ``P``, as
-they did in the original P-tuning v2 code. A fresh cache is built for every forward because the model appends
-the real tokens' keys to it.
+At forward time ``cache(B)`` builds a transformers ``DynamicCache`` through the cache API (``Cache.update`` per
+layer) whose layer ``l`` holds ``key = weight[:, l, 0]`` and ``value = weight[:, l, 1]`` reshaped to
+``[B, heads_kv, P, head_dim]``, after dropout; ``extend_mask`` prepends ``P`` ones to the attention mask;
+``forward_kwargs`` passes the cache as ``cache=`` (transformers 5.24 renamed the forward argument
+``past_key_values`` to ``cache`` and removes the old name in 5.40; with an older transformers the old name is
+used). Decoders (Llama, GPT-2, OPT families) and BERT-family encoders accept this cache; positions of the real
+tokens then start at ``P``, as they did in the original P-tuning v2 code. A fresh cache is built for every forward
+because the model appends the real tokens' keys to it.
 
 Initialisation is ``N(0, 0.02)`` from a seeded generator (the spec leaves it open; this is the usual
 transformer init scale and it is reproducible from the seed alone).
@@ -31,13 +35,27 @@ transformer init scale and it is reproducible from the seed alone).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import LlamaModel
 
 from privtune.models.blocks import num_blocks, unwrap
+
+
+def _cache_argument() -> str:
+    """The name of the models' forward argument that takes a ``Cache`` in the installed transformers.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes away in 5.40); passing
+    ``cache=`` to an older release would land in ``**kwargs`` and drop the prefix without an error.
+    """
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+CACHE_ARGUMENT = _cache_argument()
 
 
 def kv_geometry(model: nn.Module) -> tuple[int, int, int]:
@@ -82,7 +100,7 @@ class DeepPrefixPrompt(nn.Module):
     Example::
 
         prompt = DeepPrefixPrompt.for_model(model, num_virtual_tokens=5)
-        out = model(input_ids=ids, attention_mask=prompt.extend_mask(mask), past_key_values=prompt.cache(len(ids)))
+        out = model(input_ids=ids, use_cache=False, **prompt.forward_kwargs(mask))
     """
 
     def __init__(
@@ -144,17 +162,21 @@ class DeepPrefixPrompt(nn.Module):
 
     # --- what the model consumes ----------------------------------------------------------------------------
     def cache(self, batch_size: int) -> DynamicCache:
-        """A fresh ``DynamicCache`` pre-filled with the prefix for a batch of ``batch_size`` rows."""
+        """A fresh ``DynamicCache`` pre-filled with the prefix for a batch of ``batch_size`` rows.
+
+        Filled through the cache API (``Cache.update(key, value, layer_idx)``), as transformers fills it itself;
+        gradients flow from the cached keys/values back to ``weight``.
+        """
         prefix = self.dropout(self.weight)  # [P, L, 2, H_kv]
         prefix = prefix.view(self.num_virtual_tokens, self.num_layers, 2, self.num_kv_heads, self.head_dim)
         # -> [L, 2, heads_kv, P, head_dim], then broadcast over the batch (expand: no copy)
         prefix = prefix.permute(1, 2, 3, 0, 4)
         shape = (batch_size, self.num_kv_heads, self.num_virtual_tokens, self.head_dim)
-        layers = [
-            (prefix[i, 0].unsqueeze(0).expand(shape), prefix[i, 1].unsqueeze(0).expand(shape))
-            for i in range(self.num_layers)
-        ]
-        return DynamicCache(ddp_cache_data=layers)
+        cache = DynamicCache()
+        for layer in range(self.num_layers):
+            key, value = prefix[layer, 0].unsqueeze(0).expand(shape), prefix[layer, 1].unsqueeze(0).expand(shape)
+            cache.update(key, value, layer)
+        return cache
 
     def extend_mask(self, attention_mask: Tensor) -> Tensor:
         """Prepend ``P`` ones (the prefix is always attended) to a ``[B, T]`` mask -> ``[B, P + T]``."""
@@ -162,10 +184,10 @@ class DeepPrefixPrompt(nn.Module):
         return torch.cat([ones, attention_mask], dim=1)
 
     def forward_kwargs(self, attention_mask: Tensor) -> dict[str, object]:
-        """``attention_mask`` and ``past_key_values`` to pass to the model's forward."""
+        """``attention_mask`` and the prefilled cache (as ``cache``, see :data:`CACHE_ARGUMENT`) for the forward."""
         return {
             "attention_mask": self.extend_mask(attention_mask),
-            "past_key_values": self.cache(attention_mask.shape[0]),
+            CACHE_ARGUMENT: self.cache(attention_mask.shape[0]),
         }
 
 
