@@ -90,6 +90,9 @@ def test_noise_std_equals_flower_compute_stdv_and_is_what_is_drawn() -> None:
     assert float(theirs.std()) == pytest.approx(expected, rel=0.01)
     assert float(ours.std()) == pytest.approx(float(theirs.std()), rel=0.02)
     assert abs(float(ours.mean())) < 5 * expected / math.sqrt(200_000)
+    # an update of norm 0 is left as is (Flower's clip divides by the norm)
+    zero = dp.clip({"w": torch.zeros(3)})
+    assert torch.equal(zero["w"], torch.zeros(3))
 
 
 def test_epsilon_equals_opacus_rdp_accountant() -> None:

@@ -155,3 +155,14 @@ def test_the_prefix_goes_through_the_cache_argument(name: str, task: str) -> Non
         out = model(input_ids=ids, use_cache=False, **kwargs)
     out.logits.float().sum().backward()
     assert prompt.weight.grad is not None and prompt.weight.grad.abs().sum() > 0
+
+
+def test_an_older_transformers_gets_the_old_argument_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the rename the cache must go in as ``past_key_values``; ``cache=`` would vanish into ``**kwargs``."""
+    import privtune.prompts.prefix as prefix
+
+    class OldModel:
+        def forward(self, input_ids: object = None, past_key_values: object = None, **kwargs: object) -> None: ...
+
+    monkeypatch.setattr(prefix, "LlamaModel", OldModel)
+    assert prefix._cache_argument() == "past_key_values"
