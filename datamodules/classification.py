@@ -41,6 +41,17 @@ def _check_size(name: str, value: int | float) -> None:
         raise ValueError(f"`{name}={value}` must be a count >= 1 or a fraction in (0, 1].")
 
 
+def _pad_id(tokenizer) -> int:  # noqa: ANN001 - a transformers tokenizer
+    """The id batches are padded with: the pad token, else EOS (padding is masked out either way)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError(
+        f"The tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token to pad batches with: set "
+        "`tokenizer.pad_token` (e.g. `tokenizer.add_special_tokens({'pad_token': '[PAD]'})` and resize the model)."
+    )
+
+
 class TextClassificationDataModule(pl.LightningDataModule):
     """Base class: subclasses say where the labelled text comes from (:meth:`load_dataset`).
 
@@ -146,7 +157,14 @@ class TextClassificationDataModule(pl.LightningDataModule):
                 f"{len(self.label_names)} classes {self.label_names}: give one word per class, in that order."
             )
         self.label_token_ids = label_token_ids(tokenizer, self.label_words) if self.label_words else None
-        parts = stratified_split(dataset.labels, self.sizes, seed=self.seed, balanced=self.balanced)
+        try:
+            parts = stratified_split(dataset.labels, self.sizes, seed=self.seed, balanced=self.balanced)
+        except ValueError as err:
+            sizes = ", ".join(f"`{n}={v}`" for n, v in zip(("train_size", "val_size", "test_size"), self.sizes))
+            raise ValueError(
+                f"{type(self).__name__}: {sizes} cannot be drawn from the {len(dataset)} examples of "
+                f"{self._source_name()}: {err} HINT: lower them, or give fractions (e.g. `train_size: 0.8`)."
+            ) from None
         self.splits = {name: dataset.subset(idx) for name, idx in zip(("train", "val", "test"), parts)}
         self._encoded = {
             name: EncodedClassification(self.template.encode(tokenizer, part.texts, self.max_length), part.labels)
@@ -154,7 +172,10 @@ class TextClassificationDataModule(pl.LightningDataModule):
         }
         self._encoded_with = tokenizer
         self.tokenizer = tokenizer
-        self._collate = PadCollator(tokenizer.pad_token_id)
+        self._collate = PadCollator(_pad_id(tokenizer))
+
+    def _source_name(self) -> str:
+        return type(self).__name__
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self._encoded:
@@ -279,3 +300,7 @@ class TextFile(TextClassificationDataModule):
     @override
     def load_dataset(self) -> TextDataset:
         return self._dataset
+
+    @override
+    def _source_name(self) -> str:
+        return str(self.path)

@@ -7,6 +7,7 @@ one whose held-out documents do not fill a block) is cut into blocks first and i
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -39,6 +40,7 @@ class LMCorpus(pl.LightningDataModule):
         encoding: encoding of a user file (``latin-1`` or ``cp1252`` for files that are not UTF-8).
 
     Raises:
+        FileNotFoundError: for a file ``source`` that does not exist (at construction).
         ValueError: for an unknown source, ``block_size < 2`` or ``val_fraction`` outside (0, 1); at setup, for a
             ``block_size`` beyond the model's positions or a corpus shorter than two blocks.
     """
@@ -60,6 +62,8 @@ class LMCorpus(pl.LightningDataModule):
         super().__init__()
         if source not in _SOURCES and not source.endswith((".csv", ".tsv", ".jsonl", ".json")):
             raise ValueError(f"`source={source!r}` must be one of {_SOURCES} or a .csv/.tsv/.jsonl/.json file path.")
+        if source not in _SOURCES and not Path(source).expanduser().is_file():
+            raise FileNotFoundError(f"`source={source!r}` does not exist or is not a file.")
         if block_size < 2:
             raise ValueError(f"`block_size={block_size}` must be >= 2.")
         if not 0.0 < val_fraction < 1.0:

@@ -268,3 +268,44 @@ def test_corpus_without_any_text_is_refused(tmp_path) -> None:
     path.write_text("text,other\n,1\n  ,2\n")
     with pytest.raises(ValueError, match=r"blank\.csv: every row has an empty `text_column='text'`"):
         LMCorpus(str(path), block_size=8, tokenizer="tiny-llama").setup("fit")
+
+
+def test_sizes_beyond_the_file_name_the_size_arguments_and_the_file(tmp_path) -> None:
+    path = tmp_path / "small.csv"
+    path.write_text(_csv(ROWS))
+    dm = TextFile(str(path), label_words=[" bad", " good"], train_size=100, tokenizer="tiny-llama")
+    match = r"`train_size=100`, `val_size=200`, `test_size=500` cannot be drawn from the 12 examples of .*small\.csv"
+    with pytest.raises(ValueError, match=match):
+        dm.setup("fit")
+
+
+def test_lm_corpus_file_that_does_not_exist_fails_at_construction(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"`source='.*nowhere\.jsonl'` does not exist"):
+        LMCorpus(str(tmp_path / "nowhere.jsonl"))
+
+
+class _NoPad:
+    """A tokenizer wrapper without a pad token (as many decoders' tokenizers come)."""
+
+    def __init__(self, eos: int | None) -> None:
+        self.inner = tiny_tokenizer()
+        self.pad_token_id = None
+        self.eos_token_id = eos
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("eos", [2, None])
+def test_tokenizer_without_a_pad_token_pads_with_eos_or_is_refused(tmp_path, eos, monkeypatch) -> None:
+    path = tmp_path / "rows.csv"
+    path.write_text(_csv(ROWS))
+    dm = TextFile(str(path), label_words=[" bad", " good"], train_size=4, val_size=2, test_size=2, batch_size=4)
+    monkeypatch.setattr(dm, "_resolve_tokenizer", lambda: _NoPad(eos))
+    if eos is None:
+        with pytest.raises(ValueError, match=r"neither a pad nor an EOS token.*`tokenizer.pad_token`"):
+            dm.setup("fit")
+        return
+    dm.setup("fit")
+    batch = dm.train_dataloader().collate_fn([{"input_ids": [5, 6, 7], "labels": 0}, {"input_ids": [5], "labels": 1}])
+    assert batch["input_ids"][1].tolist() == [5, eos, eos] and batch["attention_mask"][1].tolist() == [1, 0, 0]
