@@ -280,3 +280,37 @@ def test_the_fingerprint_is_recorded_in_the_model_config_but_never_the_seed(tmp_
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["privtune_shaking_key"] == key.fingerprint()
     assert key.to_dict()["seed"] not in (tmp_path / "m" / "config.json").read_text()
+
+
+class SaveOnFailure(pl.Callback):
+    """Saves a checkpoint in ``on_exception`` after EmbeddingShaking's, as train.py's SIGTERM saver does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception) -> None:  # noqa: ANN001, D102
+        trainer.save_checkpoint(self.path)
+
+
+def test_a_checkpoint_saved_after_the_model_was_restored_resumes_shaken(tiny_trainer, csv_file, tmp_path):
+    key_path = str(tmp_path / "k.json")
+
+    def run(module: TextClassifier, max_steps: int, extra=(), ckpt_path=None) -> TextClassifier:  # noqa: ANN001
+        cb = EmbeddingShaking(key_path, chain_length=1, recovery="none")
+        trainer = tiny_trainer(max_steps=max_steps, max_epochs=10, limit_train_batches=1, limit_val_batches=0)
+        trainer.callbacks[:0] = [cb, *extra]
+        trainer.fit(module, datamodule=_data(csv_file), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(_module(), 2)
+    failing = FailsAtStep2(model="tiny-llama", tuning="full", lr=1e-2)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(failing, 4, extra=[SaveOnFailure(tmp_path / "failed.ckpt")])
+    assert shaking_state(failing.model) == "plain"
+    saved = torch.load(tmp_path / "failed.ckpt", weights_only=True)
+    assert saved["privtune_shaking"]["weights"] == "plain" and saved["global_step"] == 1
+    resumed = run(_module(), 2, ckpt_path=tmp_path / "failed.ckpt")
+    assert shaking_state(resumed.model) == "shaken"
+    a, b = straight.state_dict(), resumed.state_dict()
+    for name in a:  # the plain tables in the checkpoint were shaken again on resume
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
