@@ -314,3 +314,14 @@ def test_a_checkpoint_saved_after_the_model_was_restored_resumes_shaken(tiny_tra
     a, b = straight.state_dict(), resumed.state_dict()
     for name in a:  # the plain tables in the checkpoint were shaken again on resume
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_fitting_a_recovered_model_again_is_refused(tiny_trainer, csv_file, tmp_path):
+    module = _module("lora")
+    cb = EmbeddingShaking(str(tmp_path / "k.json"), chain_length=1, recovery="horizontal")
+    tiny_trainer(max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(module, datamodule=_data(csv_file))
+    assert shaking_state(module.model) == "recovered-horizontal"
+    with pytest.raises(ValueError, match="would train it unshaken"):
+        tiny_trainer(max_steps=2, limit_val_batches=0, callbacks=[cb]).fit(module, datamodule=_data(csv_file))
+    assert shaking_state(module.model) == "recovered-horizontal"
+    tiny_trainer(limit_test_batches=1, callbacks=[cb]).test(module, datamodule=_data(csv_file))  # evaluating is fine
