@@ -52,3 +52,22 @@ class TokenBatch(Protocol):
     """
 
     def __getitem__(self, key: Any) -> Any: ...
+
+
+# ---------------------------------------------------------------------------------------------- federated runs
+@runtime_checkable
+class FederatedAware(Protocol):
+    """A callback that declares how it acts in a federated run (``privtune.strategies.FederatedSimulation`` and
+    ``FederatedDDP``; docs/federated.md, "Callbacks in a federated run").
+
+    The federated Strategies train every client inside the round loop of ``privtune.federated.loop``, so a
+    callback's batch and gradient hooks never see a client's batches or gradients: they see one tick per round.
+    A callback that overrides such a hook and does not declare itself is refused at set-up.
+
+    * ``federated_support = "run"``: valid in a federated run; it acts on the run as a whole (set-up, fit end,
+      checkpoints) and its batch hooks accept one tick per round.
+    * ``federated_support = "refuse"``: refused at set-up; ``federated_alternative`` says what to use instead.
+    """
+
+    federated_support: str
+    federated_alternative: str

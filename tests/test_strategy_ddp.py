@@ -20,7 +20,7 @@ def _run(out: Path, mode: str) -> dict:
         [sys.executable, str(SCRIPT), str(out), mode], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out / f"result_{mode}.pt", weights_only=False)
+    return torch.load(out / f"result_{mode}.pt", weights_only=True)
 
 
 @pytest.mark.ddp

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from privtune.strategies import SERVERS, FederatedConfig, FederatedSimulation, final_prompt
+from privtune.federated import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Scaffold, ServerOptimizer
+from privtune.strategies import FederatedConfig, FederatedSimulation, final_prompt
 from tests.ddp_scripts.fed_common import make_data, make_trainer, run, write_csv
 
 
 def test_fedpeptao_round_loop_accounting_and_report(tmp_path: Path) -> None:
     trainer, strategy = run(tmp_path, layers="fedpeptao", num_selected_layers=2, report_dir=str(tmp_path / "rep"))
-    runner = strategy.runner
+    runner = strategy.loop
     assert runner.round == 3
     assert len(runner.selected) == 2
     assert runner.layer_scores[-1] == 0.0
@@ -32,20 +33,36 @@ def test_fedpeptao_round_loop_accounting_and_report(tmp_path: Path) -> None:
         assert (tmp_path / "rep" / name).exists()
 
 
-@pytest.mark.parametrize("server", [s for s in SERVERS if s != "fedpeptao"])
-def test_every_baseline_runs_on_an_encoder(tmp_path: Path, server: str) -> None:
+BASELINES = {
+    "fedavg": (FedAvg, 0.0),
+    "fedavgm": (FedAvgM, 0.0),
+    "fedprox": (FedAvg, 0.01),
+    "scaffold": (Scaffold, 0.0),
+    "fedadam": (FedAdam, 0.0),
+    "fedyogi": (FedYogi, 0.0),
+    "fedadagrad": (FedAdagrad, 0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_every_baseline_runs_on_an_encoder(tmp_path: Path, name: str) -> None:
     # the trained linear head is federated with the prefix
-    _, strategy = run(tmp_path, model="tiny-bert", encoder_head="linear", server=server, num_rounds=2, client_lr=0.04)
-    runner = strategy.runner
+    cls, mu = BASELINES[name]
+    server: ServerOptimizer = cls()
+    _, strategy = run(
+        tmp_path, model="tiny-bert", encoder_head="linear", server=server, proximal_mu=mu, num_rounds=2, client_lr=0.04
+    )
+    runner = strategy.loop
     assert runner.round == 2
     assert set(runner.global_state) == {"prefix", "head.weight", "head.bias"}
-    factor = 2 if server == "scaffold" else 1
+    factor = 2 if name == "scaffold" else 1
     assert runner.ledger.rounds[0].num_transfer_params == factor * runner.elements_per_client()
+    assert server.round == 0  # the run steps its own copy; the configured object stays as built
 
 
 def test_label_name_head_sends_the_prefix_slices_only(tmp_path: Path) -> None:
     _, strategy = run(tmp_path, model="tiny-bert", layers="fedpeptao", num_selected_layers=1, num_rounds=2)
-    runner = strategy.runner
+    runner = strategy.loop
     assert set(runner.global_state) == {"prefix"}
     # spec §11: P * |sel| * 2 * H_kv elements per client and direction (tiny-bert: P = 2, H_kv = 32)
     prefix = runner.global_state["prefix"]
@@ -56,7 +73,7 @@ def test_dropout_and_stragglers(tmp_path: Path) -> None:
     _, strategy = run(
         tmp_path, num_clients=6, sample_fraction=1.0, dropout_fraction=0.34, straggler_fraction=0.5, num_rounds=1
     )
-    rec = strategy.runner.ledger.rounds[0]
+    rec = strategy.loop.ledger.rounds[0]
     assert len(rec.clients) == 6
     assert len(rec.reported) == 4
     assert rec.up_bytes == 4 * rec.num_transfer_params * 4
@@ -82,7 +99,7 @@ def test_kill_mid_round_and_resume_matches_uninterrupted(tmp_path: Path) -> None
     (tmp_path / "b").mkdir()
     with pytest.raises(_Killed):
         run(tmp_path / "b", strategy_cls=_KillMidRound, round_checkpoint=str(ckpt), **fed)
-    state = torch.load(ckpt, weights_only=False)["federated"]
+    state = torch.load(ckpt, weights_only=True)["federated"]  # plain data: loads without unpickling objects
     assert state["round"] == 1
     assert len(state["pending"]["updates"]) == 1  # one client of round 2 done before the kill
     from privtune.modules.prompt_tuning import PromptTuning
@@ -91,13 +108,13 @@ def test_kill_mid_round_and_resume_matches_uninterrupted(tmp_path: Path) -> None
     trainer = make_trainer(strategy, tmp_path / "b")
     data = make_data(tmp_path / "b" / "data.csv")
     trainer.fit(PromptTuning(model="tiny-llama", num_virtual_tokens=2, seed=0), datamodule=data, ckpt_path=str(ckpt))
-    assert strategy.runner.round == 3
+    assert strategy.loop.round == 3
     torch.testing.assert_close(final_prompt(strategy)["prefix"], final_prompt(full)["prefix"], rtol=0, atol=0)
-    for cid, c in full.runner.store.clients.items():
-        torch.testing.assert_close(strategy.runner.store.clients[cid].prompt, c.prompt, rtol=0, atol=0)
+    for cid, c in full.loop.store.clients.items():
+        torch.testing.assert_close(strategy.loop.store.clients[cid].prompt, c.prompt, rtol=0, atol=0)
         exp_avg = c.optimizer["state"][0]["exp_avg"]
-        torch.testing.assert_close(strategy.runner.store.clients[cid].optimizer["state"][0]["exp_avg"], exp_avg)
-    assert strategy.runner.server.state_dict()["eta_s"] == full.runner.server.state_dict()["eta_s"]
+        torch.testing.assert_close(strategy.loop.store.clients[cid].optimizer["state"][0]["exp_avg"], exp_avg)
+    assert strategy.loop.server.state_dict()["eta_s"] == full.loop.server.state_dict()["eta_s"]
 
 
 def test_bad_input_fails_before_work(tmp_path: Path) -> None:
@@ -124,7 +141,7 @@ def test_bad_input_fails_before_work(tmp_path: Path) -> None:
 
 def test_slq_chooses_how_many_layers(tmp_path: Path) -> None:
     _, strategy = run(tmp_path, layers="fedpeptao", selection_ratio=None, slq_iterations=8, num_rounds=1)
-    runner = strategy.runner
+    runner = strategy.loop
     assert runner.ratio is not None
     assert 0.0 <= runner.ratio <= 1.0
     assert len(runner.selected) == max(1, min(4, round(runner.ratio * 4)))

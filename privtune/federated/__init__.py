@@ -1,7 +1,8 @@
-"""Federated prompt tuning maths over named dicts of tensors: FedPepTAO (arXiv 2310.15080) and its baselines.
+"""Federated prompt tuning over named dicts of tensors: FedPepTAO (arXiv 2310.15080) and its baselines.
 
-Pure torch (and NumPy for partitions); no Lightning. The Lightning Strategy in ``privtune.strategies`` only loops
-over clients and calls these functions.
+Pure torch (and NumPy for partitions); no Lightning. The round loop (:mod:`privtune.federated.loop`) is typed
+against the :class:`FederatedClient` Protocol; the Lightning Strategies in ``privtune.strategies`` and the Flower
+app only drive it.
 """
 
 from privtune.federated.accounting import CommLedger, RoundRecord, prefix_transfer_elements
@@ -15,9 +16,11 @@ from privtune.federated.aggregate import (
 )
 from privtune.federated.client import ClientState, ClientStore, LocalConfig, local_update, make_optimizer
 from privtune.federated.client_dp import ClientLevelDP, PrivacyBudgetExhausted
+from privtune.federated.config import FederatedConfig
 from privtune.federated.fedopt import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedOpt, FedYogi, ServerOptimizer
 from privtune.federated.fedpeptao import FedPepTAOOptions, FedPepTAOServer
-from privtune.federated.fedprox import add_proximal_gradient, proximal_term
+from privtune.federated.fedprox import ProximalTerm, add_proximal_gradient, proximal_term
+from privtune.federated.loop import CommunicatedView, FederatedLoop, LocalResult, ResumeMismatchError, local_round
 from privtune.federated.partition import (
     Partition,
     mean_tv_distance,
@@ -25,11 +28,23 @@ from privtune.federated.partition import (
     partition_like,
     validate_partition_args,
 )
+from privtune.federated.protocol import ClientData, FederatedClient, PartialPromptClient
 from privtune.federated.sampling import RoundPlan, check_fraction, client_seed, plan_round
-from privtune.federated.scaffold import DELTA_C, Scaffold, client_control_variate
+from privtune.federated.scaffold import DELTA_C, DriftCorrection, Scaffold, client_control_variate
 
 __all__ = [
     "DELTA_C",
+    "ClientData",
+    "CommunicatedView",
+    "DriftCorrection",
+    "FederatedClient",
+    "FederatedConfig",
+    "FederatedLoop",
+    "LocalResult",
+    "PartialPromptClient",
+    "ProximalTerm",
+    "ResumeMismatchError",
+    "local_round",
     "AggregationError",
     "ClientLevelDP",
     "ClientState",

@@ -73,13 +73,14 @@ class ClientState:
     """What a simulated client keeps between rounds.
 
     Attributes:
-        prompt: the full local prefix ``[P, L, 2, H_kv]``.
+        prompt: the full local prefix ``[P, L, 2, H_kv]`` (its unselected layers are personal); ``None`` for a client
+            whose tensors are all communicated.
         optimizer: the local optimizer's ``state_dict`` (``None`` before the first step).
         control_variate: SCAFFOLD's ``c_i`` (``None`` = zeros).
         rounds: rounds this client has trained.
     """
 
-    prompt: Tensor
+    prompt: Tensor | None
     optimizer: dict[str, Any] | None = None
     control_variate: State | None = None
     rounds: int = 0
@@ -103,13 +104,13 @@ class ClientState:
 class ClientStore:
     """All clients' states, created lazily from the common initial prefix at first participation."""
 
-    initial_prompt: Tensor
+    initial_prompt: Tensor | None
     clients: dict[int, ClientState] = field(default_factory=dict)
 
     def get(self, client_id: int) -> ClientState:
         """The client's state (a fresh one holding the initial prefix if it never trained)."""
         if client_id not in self.clients:
-            return ClientState(prompt=self.initial_prompt.clone())
+            return ClientState(prompt=None if self.initial_prompt is None else self.initial_prompt.clone())
         return self.clients[client_id]
 
     def put(self, client_id: int, state: ClientState) -> None:
@@ -129,7 +130,8 @@ class ClientStore:
         """Bytes held by all client states (prompts, optimizer moments, control variates)."""
         total = 0
         for c in self.clients.values():
-            total += c.prompt.numel() * c.prompt.element_size()
+            if c.prompt is not None:
+                total += c.prompt.numel() * c.prompt.element_size()
             if c.optimizer is not None:
                 for s in c.optimizer.get("state", {}).values():
                     total += sum(t.numel() * t.element_size() for t in s.values() if torch.is_tensor(t))

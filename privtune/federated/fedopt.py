@@ -38,16 +38,40 @@ def _clone(state: State) -> State:
 class ServerOptimizer:
     """Base class: FedAvg. Subclasses override :meth:`update` only.
 
+    Server optimizers are injected into a run by class path (``server: {class_path: privtune.federated.FedAdam,
+    init_args: {...}}``); their ``__init__`` signatures are the typed configuration. What only the run knows (the
+    number of clients, the names of the prompt tensors) is given by the round loop through :meth:`bind`.
+
     Attributes:
         client_lr: the local learning rate the strategy recommends (``None``: the client's own choice).
+        client_reset_optimizer: whether clients should start every round with a fresh optimizer (``None``: the
+            run's default, keep the client's state).
+        client_zero_grad: whether clients zero the gradient before each local step (``None``: the run's default).
         bytes_factor: multiplier on the upload/download traffic of the prompt (2 for SCAFFOLD's control variates).
+        per_client_uploads: the step reads each client's upload separately (control variates from ``w_i``);
+            under client-level DP it then receives the noised mean as every client's upload.
     """
 
     client_lr: float | None = None
+    client_reset_optimizer: bool | None = None
+    client_zero_grad: bool | None = None
     bytes_factor: int = 1
+    per_client_uploads: bool = False
 
     def __init__(self) -> None:
         self.round = 0  # server rounds completed (t after a step is 1-based)
+
+    def bind(self, *, num_clients: int, prompt_names: Sequence[str], client_lr: float) -> None:
+        """Give the optimizer what only the run knows (called once by the round loop, before round 1).
+
+        Args:
+            num_clients: ``N``, all clients of the run.
+            prompt_names: the communicated tensors that are prompt slices (the rest: a classification head).
+            client_lr: the learning rate the clients use.
+
+        Raises:
+            ValueError: if a value given at construction disagrees with the run's.
+        """
 
     def step(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
         """One server round: check, average by example count, apply :meth:`update`; returns the new global state.

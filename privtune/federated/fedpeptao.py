@@ -125,38 +125,64 @@ def _zeros(like: State) -> State:
 class FedPepTAOServer(ServerOptimizer):
     """Server state (``w`` is the global state passed to :meth:`step`; ``m``, ``c``, ``c_i``, ``D_prev``, ``eta_s``).
 
+    In a config: ``server: {class_path: privtune.federated.FedPepTAOServer, init_args: {preset: clean}}`` or
+    ``init_args: {options: {server_grad: delta, momentum: 0.8}}`` (every field of :class:`FedPepTAOOptions`,
+    type-checked).
+
     Args:
-        num_clients: ``N``.
+        num_clients: ``N``; ``None``: the run's client count, set by :meth:`bind`.
         options: a :class:`FedPepTAOOptions` (default: the ``code`` preset).
-        adaptive_names: the tensors the momentum / control-variate step applies to (``None``: all). Others get the
-            FedAvg value ``w_bar``. privtune passes ``["prefix"]``: the spec's server state covers the prompt slices
-            only, and an encoder's classification head (absent from the FedPepTAO code, which used an MLM
-            verbalizer) is averaged.
+        preset: ``code`` or ``clean`` (spec §8); an alternative to ``options``, not both.
+        adaptive_names: the tensors the momentum / control-variate step applies to (``None``: all when used on
+            its own; in a run, :meth:`bind` sets the prompt tensors). Others get the FedAvg value ``w_bar``: the
+            spec's server state covers the prompt slices only, and an encoder's classification head (absent from
+            the FedPepTAO code, which used an MLM verbalizer) is averaged.
 
     Raises:
-        ValueError: if ``num_clients < 1``.
+        ValueError: if ``num_clients < 1``, or both ``options`` and ``preset`` are given.
     """
+
+    per_client_uploads = True
 
     def __init__(
         self,
         *,
-        num_clients: int,
+        num_clients: int | None = None,
         options: FedPepTAOOptions | None = None,
+        preset: Literal["code", "clean"] | None = None,
         adaptive_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.adaptive_names = None if adaptive_names is None else list(adaptive_names)
-        if num_clients < 1:
+        if num_clients is not None and num_clients < 1:
             raise ValueError(f"`num_clients` must be >= 1; got {num_clients}.")
+        if options is not None and preset is not None:
+            raise ValueError(
+                f"FedPepTAOServer: give `preset` ({preset!r}) or `options`, not both; a preset is a named set of "
+                "options (code, clean)."
+            )
         self.num_clients = num_clients
-        self.options = options or FedPepTAOOptions()
+        self.options = FedPepTAOOptions.preset(preset) if preset is not None else options or FedPepTAOOptions()
+        self.preset = preset
         self.client_lr = None
+        self.client_reset_optimizer = self.options.reset_local_opt_each_round
+        self.client_zero_grad = self.options.local_zero_grad
         self.eta_s = self.options.server_lr
         self.m: State | None = None
         self.c: State | None = None
         self.c_clients: dict[int, State] = {}
         self.delta_prev: State | None = None
         self.diagnostics: dict[str, float] = {}
+
+    def bind(self, *, num_clients: int, prompt_names: Sequence[str], client_lr: float) -> None:
+        if self.num_clients is not None and self.num_clients != num_clients:
+            raise ValueError(
+                f"FedPepTAOServer was built with `num_clients={self.num_clients}` but the data has {num_clients} "
+                "clients; leave `num_clients` unset (the run sets it)."
+            )
+        self.num_clients = num_clients
+        if self.adaptive_names is None:
+            self.adaptive_names = list(prompt_names)
 
     def update(self, w: State, w_bar: State, updates: Sequence[ClientUpdate]) -> State:
         if self.adaptive_names is None:
@@ -185,6 +211,8 @@ class FedPepTAOServer(ServerOptimizer):
             c_i = self.c_clients.get(u.client_id) or _zeros(w)
             c_plus.append({k: c_i[k] - self.c[k] + (w[k] - u.state[k]) / (u.num_steps * opt.cv_local_lr) for k in w})
         steps = torch.tensor([float(u.num_steps) for u in updates])
+        if self.num_clients is None:
+            raise ValueError("FedPepTAOServer needs `num_clients`: pass it, or call `bind()` (the run does).")
         rate = len(updates) / self.num_clients
         c_new = {}
         for k in w:

@@ -17,8 +17,10 @@ backbone frozen:
   - ``linear``: the sequence-classification head, fresh, trained with the prefix and federated with it
     (``C * (d + 1)`` values more per client and direction).
 
-The module trains like any LightningModule (centralised prompt tuning) and exposes the pieces the federated
-Strategy drives per client: :meth:`client_parameters`, :meth:`client_loss`, :meth:`predict`.
+The module trains like any LightningModule (centralised prompt tuning) and implements the federated round loop's
+client Protocols (:class:`privtune.federated.FederatedClient`, :class:`privtune.federated.PartialPromptClient`):
+:meth:`client_parameters`, :meth:`client_loss`, :meth:`evaluate_batch`, :attr:`prompt_name`,
+:attr:`num_prompt_layers`, :meth:`hidden_states`.
 
 Threat model: as a module, none; under the federated Strategy only the prompt (slices), and the ``linear`` head if
 one is trained, leave a client.
@@ -40,6 +42,7 @@ from privtune.models.scoring import last_token_index
 from privtune.prompts import DeepPrefixPrompt, freeze_backbone
 
 ENCODER_HEADS = ("label_names", "linear")
+PROMPT_NAME = "prefix"
 
 
 class PromptTuning(pl.LightningModule):
@@ -165,9 +168,17 @@ class PromptTuning(pl.LightningModule):
         return F.normalize(_mean_pool(hidden, enc["attention_mask"]), dim=-1)
 
     # ------------------------------------------------------------------ what a client trains and sends
+    #: the entry of :meth:`client_parameters` holding the deep prefix (layers on axis 1)
+    prompt_name = PROMPT_NAME
+
+    @property
+    def num_prompt_layers(self) -> int:
+        """``L``: the layers of the deep prefix."""
+        return int(self.prompt.num_layers)
+
     def client_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable tensors by name: ``prefix`` ``[P, L, 2, H_kv]`` and, for encoders, ``head.*``."""
-        params = {"prefix": self.prompt.weight}
+        params = {PROMPT_NAME: self.prompt.weight}
         if self.head is not None:
             params.update({f"head.{k}": p for k, p in self.head.named_parameters()})
         return params
@@ -225,6 +236,12 @@ class PromptTuning(pl.LightningModule):
     def predict(self, batch: dict[str, Tensor]) -> Tensor:
         """Predicted class per row ``[B]`` (argmax over the label words / head outputs)."""
         return self(batch).argmax(-1)
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: dict[str, Tensor]) -> tuple[int, int]:
+        """``(correct, total)`` predictions on one labelled batch (the federated loop's personalised evaluation)."""
+        preds = self.predict(batch)
+        return int((preds == batch["labels"]).sum()), int(batch["labels"].numel())
 
     @torch.no_grad()
     def hidden_states(self, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:

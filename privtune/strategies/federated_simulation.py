@@ -1,4 +1,4 @@
-"""Lightning Strategies that simulate federated prompt tuning: clients in one process, or across DDP ranks.
+"""Lightning Strategies that drive the federated round loop: clients in one process, or across DDP ranks.
 
 FedPepTAO (Che et al., EMNLP 2023, arXiv 2310.15080) and its baselines run as ``train.py fit`` with one of:
 
@@ -7,13 +7,13 @@ FedPepTAO (Che et al., EMNLP 2023, arXiv 2310.15080) and its baselines run as ``
   ``j % N == rank`` of a round's reporting clients, the uploads are gathered on every rank and every rank runs the
   same server step, so all ranks hold the same global prompt.
 
-Both call the same :class:`~privtune.strategies.runner.FederatedRunner` and the same pure server code, so the two
-modes give the same prompts for the same seed. One Lightning training step is one federated round; the
-datamodule must be a :class:`~privtune.datamodules.federated.FederatedDataModule`. Checkpoints gain a
-``federated`` entry with the server state, every client's prompt / optimizer state / control variate, the round
-counter, the ledger and the partial results of an unfinished round.
+Both are thin drivers of :class:`privtune.federated.loop.FederatedLoop` (plain PyTorch, shared with the Flower app):
+they hand it the LightningModule (a :class:`~privtune.federated.protocol.FederatedClient`) and the datamodule (a
+:class:`~privtune.federated.protocol.ClientData`), run one round per Lightning training step, log its metrics, put
+its state into checkpoints (``federated`` entry; loaded with ``weights_only=True``) and write its report. Callbacks
+that would need the clients' batches or gradients are refused at set-up (:mod:`privtune.strategies.callback_policy`).
 
-Threat model: simulated; clients exchange only the named prompt tensors with the server (see
+Threat model: simulated; clients exchange only the communicated named tensors with the server (see
 ``privtune.federated``).
 """
 
@@ -30,25 +30,34 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from privtune.strategies.config import FederatedConfig
-from privtune.strategies.runner import FederatedRunner
+from privtune.federated.config import FederatedConfig
+from privtune.federated.loop import FederatedLoop
+from privtune.strategies.callback_policy import check_callbacks
 
 CHECKPOINT_KEY = "federated"
 
 
 class _FederatedMixin:
-    """The round loop, checkpoint hooks and the report, shared by both strategies."""
+    """Drives the round loop: set-up, one round per step, checkpoint hooks and the report, for both placements."""
 
-    runner: FederatedRunner
+    loop: FederatedLoop
 
-    def _init_federated(self, federated: FederatedConfig | dict[str, Any] | None) -> None:
+    def _init_federated(self, federated: FederatedConfig | None) -> None:
         if federated is None:
             federated = FederatedConfig()
-        elif isinstance(federated, dict):
-            federated = FederatedConfig(**federated)
+        elif not isinstance(federated, FederatedConfig):
+            raise TypeError(
+                f"`federated` must be a privtune.federated.FederatedConfig (a mapping in YAML); got "
+                f"{type(federated).__name__}."
+            )
         self.federated = federated
-        self.runner = FederatedRunner(federated)
-        self.runner.on_client_end = self.on_client_end
+        self.loop = FederatedLoop(federated)
+        self.loop.on_client_end = self.on_client_end
+
+    @property
+    def runner(self) -> FederatedLoop:
+        """The round loop (older name)."""
+        return self.loop
 
     def _rank_world(self) -> tuple[int, int]:
         return 0, 1
@@ -56,17 +65,26 @@ class _FederatedMixin:
     def _gather(self, obj: Any) -> list[Any]:
         return [obj]
 
+    def _check_callbacks(self) -> None:
+        trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
+        check_callbacks(trainer.callbacks, type(self).__name__)
+
     def _setup_federated(self, trainer: pl.Trainer) -> None:
         module = trainer.lightning_module
-        module.automatic_optimization = False  # the runner drives the local optimizers itself
+        module.automatic_optimization = False  # the loop drives the local optimizers itself
         self._trainer_ref = trainer
-        self.runner.setup(module, trainer.datamodule)
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "num_rounds"):
+            datamodule.num_rounds = self.federated.num_rounds  # one Lightning step per round
+        if hasattr(module, "configure_labels") and hasattr(datamodule, "num_classes"):
+            module.configure_labels(datamodule.label_token_ids, datamodule.num_classes, datamodule.label_names)
+        self.loop.setup(module, datamodule)
 
     def federated_training_step(self) -> Any:
         trainer = self._trainer_ref
         module = trainer.lightning_module
         rank, world = self._rank_world()
-        metrics = self.runner.run_round(module, trainer.datamodule, rank, world, self._gather)
+        metrics = self.loop.run_round(rank, world, self._gather)
         if not metrics:
             trainer.should_stop = True
             return None
@@ -77,7 +95,7 @@ class _FederatedMixin:
             f"acc={'-' if acc is None else f'{acc:.4f}'} up={int(metrics['comm/up_bytes'])} B "
             f"round_time={metrics['time/round_seconds']:.1f} s"
         )
-        if self.runner.round >= self.federated.num_rounds:
+        if self.loop.round >= self.federated.num_rounds:
             trainer.should_stop = True
         return None
 
@@ -88,11 +106,11 @@ class _FederatedMixin:
             self._trainer_ref.save_checkpoint(path)
 
     def _add_state(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = self.runner.state_dict()
+        checkpoint[CHECKPOINT_KEY] = self.loop.state_dict()
 
     def _take_state(self, checkpoint: dict[str, Any]) -> None:
         if CHECKPOINT_KEY in checkpoint:
-            self.runner.restore_later(checkpoint[CHECKPOINT_KEY])
+            self.loop.restore_later(checkpoint[CHECKPOINT_KEY])
 
     def write_report(self) -> None:
         """JSON + Markdown report, an accuracy-per-round plot and the global prompt in ``report_dir`` (rank 0).
@@ -106,30 +124,15 @@ class _FederatedMixin:
         rank, world = self._rank_world()
         if out is None or rank != 0:
             return
-        run = self.runner
-        prefix = {"prefix": list(run.global_state["prefix"].shape)} if run.global_state else {}
-        write_run_report(
-            Path(out),
-            {
-                "server": self.federated.server,
-                "strategy": type(self).__name__,
-                "world_size": world,
-                "config": dict(vars(self.federated)),
-                "fedpeptao_options": vars(self.federated.options()),
-                "server_optimizer": run.server.describe() if run.server is not None else {},
-                "selected_layers": run.selected,
-                "layer_scores": run.layer_scores,
-                "selection_ratio": run.ratio,
-                "communicated_shapes": prefix,
-                "elements_per_client": run.elements_per_client(),
-                "ledger": run.ledger.summary(),
-                "history": run.history,
-                "peak_client_state_bytes": run.store.nbytes() if run.store is not None else 0,
-            },
-        )
-        torch.save({k: v.detach().cpu() for k, v in run.global_state.items()}, Path(out) / "global_prompt.pt")
+        report = {"strategy": type(self).__name__, "world_size": world, **self.loop.report()}
+        write_run_report(Path(out), report)
+        torch.save({k: v.detach().cpu() for k, v in self.loop.global_state.items()}, Path(out) / "global_prompt.pt")
 
     # Strategy hooks shared by both placements; `super()` resolves to the Strategy class in each MRO.
+    def setup_environment(self) -> None:
+        self._check_callbacks()  # before any callback's own set-up runs (OpacusDP would wrap the module)
+        super().setup_environment()  # type: ignore[misc]
+
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)  # type: ignore[misc]
         self._setup_federated(trainer)
@@ -142,7 +145,8 @@ class _FederatedMixin:
         super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)  # type: ignore[misc]
+        # the federated state is plain tensors, numbers, strings and dicts: never unpickle objects from a file
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=True)  # type: ignore[misc]
         self._take_state(checkpoint)
         return checkpoint
 
@@ -155,7 +159,7 @@ class FederatedSimulation(_FederatedMixin, SingleDeviceStrategy):
     """Every sampled client trains in turn in this process.
 
     Args:
-        federated: the run's :class:`~privtune.strategies.config.FederatedConfig` (a mapping in YAML).
+        federated: the run's :class:`~privtune.federated.FederatedConfig` (a mapping in YAML).
         device: ``cpu`` or ``cuda:0``.
 
     Example::
@@ -172,7 +176,7 @@ class FederatedDDP(_FederatedMixin, DDPStrategy):
     """Clients placed across DDP ranks (``--trainer.devices=N``); gloo on CPU, NCCL on GPU.
 
     Args:
-        federated: the run's :class:`~privtune.strategies.config.FederatedConfig` (a mapping in YAML).
+        federated: the run's :class:`~privtune.federated.FederatedConfig` (a mapping in YAML).
         process_group_backend: ``gloo`` / ``nccl`` (Lightning's choice for the device when ``None``).
     """
 
@@ -197,7 +201,7 @@ class FederatedDDP(_FederatedMixin, DDPStrategy):
 
 def final_prompt(strategy: _FederatedMixin) -> dict[str, Any]:
     """The global communicated state after the run (for tests and reports)."""
-    return {k: v.clone() for k, v in strategy.runner.global_state.items()}
+    return {k: v.clone() for k, v in strategy.loop.global_state.items()}
 
 
 def dump_json(path: str | Path, data: Any) -> None:

@@ -1,6 +1,6 @@
 """Run the tiny federated job across 2 gloo DDP ranks (or in one process) and save the final prompt.
 
-Usage: python tests/ddp_scripts/fed_ddp.py OUT_DIR {ddp,single} [server]
+Usage: python tests/ddp_scripts/fed_ddp.py OUT_DIR {ddp,single} [server class name in privtune.federated]
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+import privtune.federated  # noqa: E402
 from privtune.strategies import final_prompt  # noqa: E402
 from tests.ddp_scripts.fed_common import run  # noqa: E402
 
 
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
-    server = sys.argv[3] if len(sys.argv) > 3 else "fedpeptao"
+    server = getattr(privtune.federated, sys.argv[3] if len(sys.argv) > 3 else "FedPepTAOServer")()
     out.mkdir(parents=True, exist_ok=True)
     fed = {"layers": "fedpeptao", "num_selected_layers": 2, "num_rounds": 3, "server": server}
     if mode == "ddp":
@@ -32,8 +33,8 @@ def main() -> None:
         torch.save(
             {
                 "prompt": final_prompt(strategy),
-                "clients": {k: v.prompt for k, v in strategy.runner.store.clients.items()},
-                "history": strategy.runner.history,
+                "clients": {k: v.prompt for k, v in strategy.loop.store.clients.items()},
+                "history": strategy.loop.history,
                 "world_size": trainer.world_size,
             },
             out / f"result_{mode}.pt",

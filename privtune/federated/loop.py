@@ -1,0 +1,642 @@
+"""The federated round loop, in plain PyTorch: the one loop every driver runs.
+
+FedPepTAO (Che et al., EMNLP 2023, arXiv 2310.15080, spec §5-§7) and its baselines (spec §12). One round:
+
+1. plan: sample ``M`` clients (seeded by ``(seed, round)``), drop some, slow some down (:func:`plan_round`);
+2. every reporting client runs :func:`local_round`: its own full prompt with the communicated part overwritten by
+   the global value, local steps of its optimizer, the FedProx term (``proximal_mu``) and SCAFFOLD's drift
+   correction (``server: Scaffold``) added to the gradients; it uploads the communicated tensors;
+3. :meth:`FederatedLoop.aggregate`: the uploads (and the new client states) are combined in sampling order, the
+   server optimizer steps, the ledger counts bytes and time;
+4. personalised evaluation: each client's own prompt with the global part, predictions pooled over clients.
+
+The client model only has to satisfy :class:`~privtune.federated.protocol.FederatedClient` (and
+:class:`~privtune.federated.protocol.PartialPromptClient` for FedPepTAO's layer selection); the data
+:class:`~privtune.federated.protocol.ClientData`. Drivers: ``privtune.strategies.FederatedSimulation`` (every client
+in this process), ``privtune.strategies.FederatedDDP`` (clients split across ranks: each rank trains the reporting
+clients ``j % world_size == rank`` and ``gather`` collects the results, so every rank runs the same server step),
+and a Flower app (a ``ClientApp`` calls :func:`local_round`, the ``ServerApp`` calls :meth:`FederatedLoop.aggregate`).
+
+:meth:`FederatedLoop.state_dict` holds plain tensors, numbers, strings and dicts only (it loads with
+``torch.load(..., weights_only=True)``), and a fingerprint of the run (client count, server class and arguments,
+layer choice, seed, sampling) that :meth:`FederatedLoop.load_state_dict` compares before resuming.
+
+Threat model: clients exchange only the communicated named tensors with the server; personal prompt layers,
+optimizer states and data stay on the client (in simulation: in the client store).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from privtune.federated.accounting import CommLedger
+from privtune.federated.aggregate import ClientUpdate, State
+from privtune.federated.client import ClientState, ClientStore, LocalConfig, local_update
+from privtune.federated.config import FederatedConfig
+from privtune.federated.fedprox import ProximalTerm
+from privtune.federated.protocol import (
+    ClientData,
+    FederatedClient,
+    PartialPromptClient,
+    check_client,
+    check_data,
+)
+from privtune.federated.sampling import RoundPlan, client_seed, plan_round
+from privtune.federated.scaffold import DELTA_C, DriftCorrection, Scaffold, client_control_variate
+from privtune.prompts.layer_selection import (
+    aggregate_layer_scores,
+    client_layer_scores,
+    hessian_ratio,
+    num_layers_from_ratio,
+    rank_layers,
+    select_layers,
+)
+
+Gather = Callable[[Any], list[Any]]
+
+
+def _single(obj: Any) -> list[Any]:
+    return [obj]
+
+
+class ResumeMismatchError(ValueError):
+    """A federated checkpoint from a different run setting (client count, server, layers, seed, sampling)."""
+
+
+# ---------------------------------------------------------------------------------------------- what is sent
+@dataclass
+class CommunicatedView:
+    """Which part of a client's tensors is communicated.
+
+    Attributes:
+        prompt_name: the layered prompt tensor (``[P, L, ...]``, layers on axis 1) of a partial-prompt client, or
+            ``None`` when every tensor is communicated whole.
+        selected: the communicated layers of that tensor (FedPepTAO's selection; all layers otherwise).
+    """
+
+    prompt_name: str | None = None
+    selected: list[int] = dataclasses.field(default_factory=list)
+
+    def of(self, name: str, tensor: Tensor) -> Tensor:
+        """The communicated part of ``tensor`` (a copy for the prompt's layer slices, the tensor itself else)."""
+        return tensor[:, self.selected] if name == self.prompt_name else tensor
+
+    def write(self, name: str, target: Tensor, value: Tensor) -> None:
+        """Write ``value`` (from :meth:`of`) back into ``target`` (a no-op when :meth:`of` returned ``target``)."""
+        if name == self.prompt_name:
+            target[:, self.selected] = value
+
+    def upload(self, params: Mapping[str, Tensor]) -> State:
+        """The communicated tensors of ``params``, detached copies."""
+        return {name: self.of(name, p.detach()).clone() for name, p in params.items()}
+
+    @torch.no_grad()
+    def load(self, params: Mapping[str, Tensor], personal: Tensor | None, global_state: Mapping[str, Tensor]) -> None:
+        """Set ``params`` to the client's personal prompt with the communicated part overwritten by the global one."""
+        if self.prompt_name is not None:
+            if personal is None:
+                raise ValueError(f"a partial-prompt client needs its personal `{self.prompt_name}` tensor.")
+            params[self.prompt_name].copy_(personal)
+            params[self.prompt_name][:, self.selected] = global_state[self.prompt_name]
+        for name, value in global_state.items():
+            if name != self.prompt_name:
+                params[name].copy_(value)
+
+    def personal(self, params: Mapping[str, Tensor]) -> Tensor | None:
+        """What the client keeps between rounds (its full prompt), or ``None``."""
+        return None if self.prompt_name is None else params[self.prompt_name].detach().clone()
+
+
+# ---------------------------------------------------------------------------------------------- one client
+@dataclass
+class LocalResult:
+    """What one client's local round produced.
+
+    Attributes:
+        upload: the communicated tensors after training.
+        num_steps: ``K_i``, the local optimizer steps taken.
+        state: the client's new state (personal prompt, optimizer state, control variate).
+        extras: method-specific uploads (SCAFFOLD's ``dc_i``), counted in the traffic.
+    """
+
+    upload: State
+    num_steps: int
+    state: ClientState
+    extras: State
+
+
+def local_round(
+    client: FederatedClient,
+    view: CommunicatedView,
+    global_state: Mapping[str, Tensor],
+    state: ClientState,
+    batches: Iterable[Any],
+    config: LocalConfig,
+    *,
+    seed: int,
+    proximal_mu: float = 0.0,
+    control_variate: Mapping[str, Tensor] | None = None,
+    eta_l: float | None = None,
+    max_steps: int | None = None,
+) -> LocalResult:
+    """One client's local training for one round (FedPepTAO's device step, spec §6, plus the baselines' terms).
+
+    Args:
+        client: the client model (its tensors are overwritten: load, train, read back).
+        view: what is communicated.
+        global_state: the global communicated tensors received this round.
+        state: the client's state from its previous round (:meth:`ClientStore.get`).
+        batches: one epoch of the client's batches (re-iterable for ``local_epochs > 1``).
+        config: local optimisation settings.
+        seed: seeds dropout and any other randomness of the local steps.
+        proximal_mu: FedProx's ``mu`` (0: off).
+        control_variate: SCAFFOLD's global ``c`` (``None``: no SCAFFOLD); the client's ``c_i`` is in ``state``.
+        eta_l: SCAFFOLD's local learning rate in option II (needed with ``control_variate``).
+        max_steps: a cap on local steps (stragglers).
+
+    Returns:
+        The upload, ``K_i``, the client's new state and the extras.
+    """
+    params = client.client_parameters()
+    names = list(params)
+    view.load(params, state.prompt, global_state)
+    corrections: list[ProximalTerm | DriftCorrection] = []
+    if proximal_mu > 0:
+        corrections.append(ProximalTerm(proximal_mu, global_state))
+    c_i: State | None = None
+    if control_variate is not None:
+        c_i = state.control_variate or {k: torch.zeros_like(v) for k, v in global_state.items()}
+        corrections.append(DriftCorrection(control_variate, c_i))
+
+    def grad_hook(ps: list[Tensor]) -> None:
+        with torch.no_grad():
+            grads = {n: view.of(n, p.grad) for n, p in zip(names, ps) if p.grad is not None}
+            values = {n: view.of(n, p.detach()) for n, p in zip(names, ps) if p.grad is not None}
+            for correction in corrections:
+                correction.apply(grads, values)
+            for n, p in zip(names, ps):
+                if n in grads:
+                    view.write(n, p.grad, grads[n])
+
+    client.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        steps, optimizer_state = local_update(
+            [params[n] for n in names],
+            batches,
+            client.client_loss,
+            config,
+            optimizer_state=state.optimizer,
+            grad_hook=grad_hook if corrections else None,
+            max_steps=max_steps,
+        )
+    upload = view.upload(params)
+    extras: State = {}
+    new_cv = state.control_variate
+    if control_variate is not None and c_i is not None:
+        if eta_l is None:
+            raise ValueError("SCAFFOLD's option II needs `eta_l`, the local learning rate.")
+        new_cv = client_control_variate(c_i, control_variate, global_state, upload, steps, eta_l)
+        extras = {DELTA_C + k: new_cv[k] - c_i[k] for k in new_cv}
+    new_state = ClientState(
+        prompt=view.personal(params),
+        optimizer=copy.deepcopy(optimizer_state),
+        control_variate=new_cv,
+        rounds=state.rounds + 1,
+    )
+    return LocalResult(upload=upload, num_steps=steps, state=new_state, extras=extras)
+
+
+# ---------------------------------------------------------------------------------------------- the run
+class FederatedLoop:
+    """Runs federated rounds over a :class:`FederatedClient` and :class:`ClientData`.
+
+    Args:
+        config: the run's :class:`~privtune.federated.config.FederatedConfig` (its server is copied, never mutated).
+
+    Attributes:
+        round: rounds completed.
+        selected: the communicated prompt layers.
+        global_state: the global communicated tensors.
+        server: this run's server optimizer (a bound copy of ``config.server``).
+        store: every client's state.
+        ledger: bytes and time per round.
+        history: the metrics of every round.
+        pending: the finished clients of an interrupted round (resumed, not retrained).
+        on_client_end: called with ``(round, client)`` after each client this process trains.
+    """
+
+    def __init__(self, config: FederatedConfig) -> None:
+        self.config = config
+        self.round = 0
+        self.selected: list[int] = []
+        self.layer_scores: list[float] = []
+        self.ratio: float | None = None
+        self.global_state: State = {}
+        self.server: Any = None
+        self.local: LocalConfig | None = None
+        self.store: ClientStore | None = None
+        self.view = CommunicatedView()
+        self.ledger = CommLedger()
+        self.history: list[dict[str, Any]] = []
+        self.pending: dict[str, Any] | None = None
+        self.num_clients = 0
+        self.client: FederatedClient | None = None
+        self.data: ClientData | None = None
+        self.client_dp: Any = None  # client-level DP (set when the config asks for it)
+        self._restored: dict[str, Any] | None = None
+        self.on_client_end: Callable[[int, int], None] | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, client: FederatedClient, data: ClientData) -> None:
+        """Check the client and the data, choose the layers, bind the server, build the store (before training).
+
+        A state kept by :meth:`restore_later` is loaded here instead of choosing layers again.
+
+        Raises:
+            TypeError: if the client lacks a member of its Protocol.
+            ValueError: if the data is not client-partitioned, the layer choice does not fit the model, or the
+                kept state comes from another run setting.
+        """
+        cfg = self.config
+        check_data(data)
+        check_client(client, partial=cfg.layers != "all")
+        self.client, self.data = client, data
+        self.num_clients = int(data.num_clients)
+        partial = isinstance(client, PartialPromptClient)
+        if partial:
+            num_layers = int(client.num_prompt_layers)
+            if cfg.layers == "list":
+                bad = [i for i in cfg.selected_layers or [] if not 0 <= i < num_layers]
+                if bad:
+                    raise ValueError(
+                        f"`selected_layers` has {bad} outside the model's {num_layers} prompt layers "
+                        f"(0..{num_layers - 1})."
+                    )
+            if cfg.num_selected_layers is not None and cfg.num_selected_layers > num_layers:
+                raise ValueError(
+                    f"`num_selected_layers={cfg.num_selected_layers}` exceeds the model's {num_layers} prompt layers."
+                )
+        params = client.client_parameters()
+        prompt_name = client.prompt_name if partial else None
+        self.server = copy.deepcopy(cfg.server)
+        self.server.bind(
+            num_clients=self.num_clients,
+            prompt_names=[prompt_name] if prompt_name is not None else list(params),
+            client_lr=cfg.resolved_client_lr(self.server),
+        )
+        self.local = cfg.local_config(self.server)
+        if self._restored is not None:
+            restored, self._restored = self._restored, None
+            self.view = CommunicatedView(prompt_name, list(restored["selected"]))
+            self.load_state_dict(restored)
+            return
+        self.selected = self._choose_layers(client, data) if partial else []
+        self.view = CommunicatedView(prompt_name, list(self.selected))
+        self.store = ClientStore(initial_prompt=self.view.personal(params))
+        self.global_state = self.view.upload(params)
+
+    def _choose_layers(self, client: PartialPromptClient, data: ClientData) -> list[int]:
+        cfg = self.config
+        num_layers = int(client.num_prompt_layers)
+        if cfg.layers == "all":
+            return list(range(num_layers))
+        if cfg.layers == "list":
+            return list(cfg.selected_layers or [])
+        # FedPepTAO: score every client's first mini-batch of `scoring_batch_size` examples, weighted by n_k
+        client.train()
+        scores, sizes = [], []
+        for cid in range(self.num_clients):
+            batch = _first_batch(data.client_train_loader(cid, cfg.seed), cfg.scoring_batch_size)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(client_seed(cfg.seed, 0, cid))
+                scores.append(client_layer_scores(client.hidden_states(batch)))
+            sizes.append(data.client_num_examples(cid))
+        total = aggregate_layer_scores(scores, sizes)
+        self.layer_scores = [float(s) for s in total]
+        ranking = rank_layers(total)
+        if cfg.num_selected_layers is not None:
+            k = cfg.num_selected_layers
+        elif cfg.selection_ratio is not None:
+            self.ratio = cfg.selection_ratio
+            k = num_layers_from_ratio(cfg.selection_ratio, num_layers)
+        else:
+            self.ratio = self._slq_ratio(client, data)
+            k = num_layers_from_ratio(self.ratio, num_layers)
+        return select_layers(ranking, k)
+
+    def _slq_ratio(self, client: PartialPromptClient, data: ClientData) -> float:
+        """Mean SLQ ratio over round-1 sampled clients (the code warms up 10 FedAvg rounds first; see docs)."""
+        cfg = self.config
+        plan = plan_round(1, self.num_clients, cfg.sample_fraction, cfg.seed)
+        param = client.client_parameters()[client.prompt_name]
+        ratios = []
+        for cid in plan.sampled:
+            batch = _first_batch(data.client_train_loader(cid, cfg.seed), cfg.scoring_batch_size)
+
+            def loss(batch: Any = batch, cid: int = cid) -> Tensor:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(cid)
+                    return client.client_loss(batch)
+
+            ratios.append(hessian_ratio(loss, param, num_iters=cfg.slq_iterations, seed=cid))
+        return float(sum(ratios) / len(ratios))
+
+    def elements_per_client(self) -> int:
+        """Elements of the communicated state (per client, per direction)."""
+        return sum(t.numel() for t in self.global_state.values())
+
+    # ------------------------------------------------------------------ one round
+    def plan(self, round_idx: int) -> RoundPlan:
+        """The sampled, dropped and straggling clients of round ``round_idx`` (1-based)."""
+        cfg = self.config
+        return plan_round(
+            round_idx, self.num_clients, cfg.sample_fraction, cfg.seed, cfg.dropout_fraction, cfg.straggler_fraction
+        )
+
+    def train_client(self, client_id: int, plan: RoundPlan) -> tuple[ClientUpdate, ClientState]:
+        """Local training of one client this round (in this process); returns its upload and its new state."""
+        cfg = self.config
+        client, data, store, local = self._ready()
+        start = time.perf_counter()
+        seed = client_seed(cfg.seed, self.round + 1, client_id)
+        loader = data.client_train_loader(client_id, seed)
+        max_steps = None
+        if client_id in plan.stragglers:
+            full = len(loader) * cfg.local_epochs  # type: ignore[arg-type]
+            if cfg.local_max_steps:
+                full = min(full, cfg.local_max_steps)
+            max_steps = max(1, math.floor(cfg.straggler_steps_fraction * full))
+        scaffold = isinstance(self.server, Scaffold)
+        result = local_round(
+            client,
+            self.view,
+            self.global_state,
+            store.get(client_id),
+            loader,
+            local,
+            seed=seed,
+            proximal_mu=cfg.proximal_mu,
+            control_variate=self.server.control_variate(self.global_state) if scaffold else None,
+            eta_l=self.server.eta_l if scaffold else None,
+            max_steps=max_steps,
+        )
+        update = ClientUpdate(
+            client_id=client_id,
+            state=result.upload,
+            num_examples=data.client_num_examples(client_id),
+            num_steps=result.num_steps,
+            seconds=time.perf_counter() - start,
+            extras=result.extras,
+        )
+        return update, result.state
+
+    def aggregate(self, round_idx: int, plan: RoundPlan, updates: list[ClientUpdate]) -> dict[str, float]:
+        """The server's part of round ``round_idx``: server step and accounting; returns the round's metrics.
+
+        Args:
+            round_idx: the 1-based round.
+            plan: the round's plan.
+            updates: the reporting clients' uploads, in sampling order.
+        """
+        self.global_state = self.server.step(self.global_state, updates)
+        rec = self.ledger.record(
+            round_idx,
+            plan.sampled,
+            plan.reporting,
+            self.elements_per_client(),
+            {u.client_id: u.seconds for u in updates},
+            factor=self.server.bytes_factor,
+        )
+        metrics: dict[str, float] = {
+            "round": float(round_idx),
+            "comm/up_bytes": float(rec.up_bytes),
+            "comm/down_bytes": float(rec.down_bytes),
+            "comm/cum_up_bytes": float(self.ledger.total_up_bytes),
+            "comm/cum_down_bytes": float(self.ledger.total_down_bytes),
+            "comm/num_transfer_params": float(rec.num_transfer_params),
+            "time/round_seconds": rec.round_seconds,
+            "time/serial_seconds": rec.serial_seconds,
+            "clients/reported": float(len(plan.reporting)),
+        }
+        metrics.update(getattr(self.server, "diagnostics", {}))
+        return metrics
+
+    def run_round(self, rank: int = 0, world_size: int = 1, gather: Gather = _single) -> dict[str, float]:
+        """Run the next round; returns the metrics to log (empty once every round is done).
+
+        Args:
+            rank: this process's index among ``world_size`` (DDP); it trains the reporting clients
+                ``j % world_size == rank``.
+            world_size: processes sharing the round.
+            gather: collects one object from every process, in rank order (identity for one process).
+        """
+        cfg = self.config
+        _, _, store, _ = self._ready()
+        if self.round >= cfg.num_rounds:
+            return {}
+        r = self.round + 1
+        plan = self.plan(r)
+        if self.pending is None or self.pending["round"] != r:
+            self.pending = {"round": r, "updates": {}, "states": {}}
+        mine = [c for j, c in enumerate(plan.reporting) if j % world_size == rank]
+        for cid in mine:
+            if cid in self.pending["updates"]:
+                continue  # trained before an interruption; its result is in the checkpoint
+            update, new_state = self.train_client(cid, plan)
+            self.pending["updates"][cid] = update
+            self.pending["states"][cid] = new_state
+            if self.on_client_end is not None:
+                self.on_client_end(r, cid)
+        mine_results = {c: (self.pending["updates"][c], self.pending["states"][c]) for c in mine}
+        merged: dict[int, tuple[ClientUpdate, ClientState]] = {}
+        for part in gather(mine_results):
+            merged.update(part)
+        metrics = self.aggregate(r, plan, [merged[c][0] for c in plan.reporting])
+        for c in plan.reporting:
+            store.put(c, merged[c][1])
+        self.round = r
+        self.pending = None
+        if r % cfg.eval_every == 0 or r == cfg.num_rounds:
+            metrics["fed/personalized_acc"] = self.evaluate(rank, world_size, gather)
+        self.history.append(dict(metrics))
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, rank: int = 0, world_size: int = 1, gather: Gather = _single) -> float:
+        """Personalised accuracy: every client's own prompt with the global part, pooled over clients."""
+        client, data, store, _ = self._ready()
+        client.eval()
+        correct = total = 0
+        for cid in range(rank, self.num_clients, world_size):
+            loader = data.client_eval_loader(cid)
+            if _num_items(loader) == 0:
+                continue
+            self.view.load(client.client_parameters(), store.get(cid).prompt, self.global_state)
+            for batch in loader:
+                c, t = client.evaluate_batch(batch)
+                correct += int(c)
+                total += int(t)
+        client.train()
+        parts = gather((correct, total))
+        c, t = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        return c / max(t, 1)
+
+    def _ready(self) -> tuple[FederatedClient, ClientData, ClientStore, LocalConfig]:
+        if self.client is None or self.data is None or self.store is None or self.local is None:
+            raise RuntimeError("call `FederatedLoop.setup(client, data)` before running rounds.")
+        return self.client, self.data, self.store, self.local
+
+    # ------------------------------------------------------------------ state
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed run must share with the checkpointed one (compared by :meth:`load_state_dict`)."""
+        cfg = self.config
+        server = type(self.server)
+        return {
+            "num_clients": self.num_clients,
+            "server": f"{server.__module__}.{server.__qualname__}",
+            "server_args": _plain(self.server.describe()),
+            "layers": cfg.layers,
+            "selected_layers": cfg.selected_layers,
+            "num_selected_layers": cfg.num_selected_layers,
+            "selection_ratio": cfg.selection_ratio,
+            "seed": cfg.seed,
+            "sample_fraction": cfg.sample_fraction,
+            "proximal_mu": cfg.proximal_mu,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly, mid-round included; plain tensors and containers only."""
+        return {
+            "fingerprint": self.fingerprint(),
+            "round": self.round,
+            "selected": list(self.selected),
+            "layer_scores": list(self.layer_scores),
+            "ratio": self.ratio,
+            "global_state": self.global_state,
+            "server": self.server.state_dict() if self.server is not None else None,
+            "store": self.store.state_dict() if self.store is not None else None,
+            "ledger": self.ledger.state_dict(),
+            "history": self.history,
+            "pending": _pending_to_plain(self.pending),
+            "client_dp": self.client_dp.state_dict() if self.client_dp is not None else None,
+        }
+
+    def check_resume(self, state: Mapping[str, Any]) -> None:
+        """Refuse a state from another run setting, naming each differing value in the checkpoint and in this run.
+
+        Raises:
+            ResumeMismatchError: on any difference of :meth:`fingerprint`.
+        """
+        saved = state.get("fingerprint")
+        if saved is None:
+            raise ResumeMismatchError(
+                "The federated checkpoint has no run fingerprint (client count, server, layers, seed), so it cannot "
+                "be checked against this run; start a new run."
+            )
+        now = self.fingerprint()
+        diffs = [f"`{k}`: checkpoint {saved.get(k)!r}, this run {now[k]!r}" for k in now if saved.get(k) != now[k]]
+        if diffs:
+            raise ResumeMismatchError(
+                "The federated checkpoint was written by a run with different settings; resuming would mix two "
+                "runs. Differences: " + "; ".join(diffs) + ". Resume with the checkpoint's settings or start a new run."
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`, after :meth:`check_resume` (needs :meth:`setup`'s server to exist).
+
+        Raises:
+            ResumeMismatchError: if the state comes from another run setting.
+        """
+        self.check_resume(state)
+        self.store = ClientStore(initial_prompt=state["store"]["initial_prompt"])
+        self.round = int(state["round"])
+        self.selected = list(state["selected"])
+        self.layer_scores = list(state["layer_scores"])
+        self.ratio = state["ratio"]
+        self.global_state = dict(state["global_state"])
+        self.server.load_state_dict(state["server"])
+        self.store.load_state_dict(state["store"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.history = list(state["history"])
+        self.pending = _pending_from_plain(state["pending"])
+        if self.client_dp is not None and state.get("client_dp") is not None:
+            self.client_dp.load_state_dict(state["client_dp"])
+
+    def restore_later(self, state: dict[str, Any]) -> None:
+        """Keep a checkpointed state to load at :meth:`setup` (Lightning loads checkpoints before set-up ends)."""
+        self._restored = state
+
+    # ------------------------------------------------------------------ report
+    def report(self) -> dict[str, Any]:
+        """The run's report (plain data): configuration, server, selection, traffic, history."""
+        cfg = self.config
+        shapes = {k: list(v.shape) for k, v in self.global_state.items()}
+        return {
+            "server": type(self.server).__name__ if self.server is not None else None,
+            "config": {k: _plain(v) for k, v in vars(cfg).items() if k != "server"},
+            "server_optimizer": _plain(self.server.describe()) if self.server is not None else {},
+            "local": _plain(dataclasses.asdict(self.local)) if self.local is not None else {},
+            "selected_layers": self.selected,
+            "layer_scores": self.layer_scores,
+            "selection_ratio": self.ratio,
+            "communicated_shapes": shapes,
+            "elements_per_client": self.elements_per_client(),
+            "ledger": self.ledger.summary(),
+            "history": self.history,
+            "peak_client_state_bytes": self.store.nbytes() if self.store is not None else 0,
+        }
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists and anything not plain data as its ``repr`` (for fingerprints and reports)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    return repr(value)
+
+
+def _num_items(loader: Any) -> int:
+    dataset = getattr(loader, "dataset", None)
+    return len(dataset) if dataset is not None else len(loader)
+
+
+def _pending_to_plain(pending: dict[str, Any] | None) -> dict[str, Any] | None:
+    if pending is None:
+        return None
+    return {
+        "round": pending["round"],
+        "updates": {c: dataclasses.asdict(u) for c, u in pending["updates"].items()},
+        "states": {c: s.to_dict() for c, s in pending["states"].items()},
+    }
+
+
+def _pending_from_plain(pending: dict[str, Any] | None) -> dict[str, Any] | None:
+    if pending is None:
+        return None
+    return {
+        "round": pending["round"],
+        "updates": {int(c): ClientUpdate(**u) for c, u in pending["updates"].items()},
+        "states": {int(c): ClientState.from_dict(s) for c, s in pending["states"].items()},
+    }
+
+
+def _first_batch(loader: Any, size: int) -> Any:
+    """The first ``size`` examples of a client's loader, collated together (a ``DataLoader``'s dataset and
+    ``collate_fn``)."""
+    items = [loader.dataset[i] for i in range(min(size, len(loader.dataset)))]
+    return loader.collate_fn(items)
