@@ -159,3 +159,14 @@ def test_smollm2_lora_step_lowers_loss_on_a_fixed_batch() -> None:
         loss.backward()
         optimizer.step()
     assert losses[-1] < losses[0]
+
+
+def test_model_folder_without_tokenizer_files_is_refused_with_the_fix(tmp_path) -> None:
+    from privtune.models import load_model, load_tokenizer
+
+    folder = tmp_path / "my_model"
+    load_model("tiny-llama").save_pretrained(folder)  # weights and config, no tokenizer
+    with pytest.raises(ValueError, match=r"model folder without tokenizer files.*tokenizer.save_pretrained\(folder\)"):
+        TextClassifier(str(folder), tuning="full")
+    load_tokenizer("tiny-llama").save_pretrained(folder)
+    assert TextClassifier(str(folder), tuning="full").tokenizer is not None

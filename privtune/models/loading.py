@@ -40,6 +40,8 @@ PACKAGED_MODELS: dict[str, str] = {
     "all-minilm-l6-v2": "all-MiniLM-L6-v2 (BERT encoder, 6 blocks, no MLM head)",
 }
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -119,10 +121,20 @@ def _source(resolved: ResolvedModel) -> str:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model, with a pad token set (right padding)."""
+    """The tokenizer of a model, with a pad token set (right padding).
+
+    Raises:
+        ValueError: for an unknown name, or a local model folder that holds no tokenizer files.
+    """
     resolved = resolve_model(name_or_path)
     if resolved.kind == "tiny":
         return tiny_tokenizer()
+    if resolved.kind == "local" and not any((Path(_source(resolved)) / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(
+            f"`name_or_path={name_or_path!r}` is a model folder without tokenizer files (none of "
+            f"{', '.join(_TOKENIZER_FILES)}). HINT: save the tokenizer next to the model with "
+            "`tokenizer.save_pretrained(folder)`."
+        )
     tokenizer = AutoTokenizer.from_pretrained(_source(resolved))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
