@@ -23,7 +23,7 @@ import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from privtune import __version__
-from privtune.contracts import ShakeableModel
+from privtune.contracts import ShakeableModel, ShakingKeyUser
 from privtune.models.blocks import unwrap
 from privtune.shaking import KeySetting, ShakeKey, find_embedding, recover_model, shake_model, shaking_state
 from privtune.shaking.batches import AUTO, BatchIds, UnreadableBatchError
@@ -198,6 +198,13 @@ class EmbeddingShaking(Callback):
         trainer = pl.Trainer(callbacks=[EmbeddingShaking("secrets/tweets.key", operators=["gaussian"])])
     """
 
+    #: refused by the federated Strategies (privtune.contracts.FederatedAware): clients' batches never reach it
+    federated_support: ClassVar[str] = "refuse"
+    federated_alternative: ClassVar[str] = (
+        "shake the data with one key on the data owner's side (`ShakenTokenizer`, docs/shaking.md) or, for a "
+        "guarantee, use client-level DP (`strategy.init_args.federated.client_dp`, docs/federated.md)"
+    )
+
     def __init__(
         self,
         key_path: str,
@@ -358,10 +365,13 @@ class EmbeddingShaking(Callback):
             try:
                 if len(dataset) == 0:
                     return
-                if loader.batch_size is None:
+                if loader.batch_sampler is None:  # no automatic batching: each item is a batch
                     batch = loader.collate_fn(dataset[0])
-                else:
-                    batch = loader.collate_fn([dataset[i] for i in range(min(2, len(dataset)))])
+                else:  # as torch's map-style fetcher builds a batch
+                    indices = list(range(min(2, len(dataset))))
+                    getitems = getattr(dataset, "__getitems__", None)
+                    items = getitems(indices) if callable(getitems) else [dataset[i] for i in indices]
+                    batch = loader.collate_fn(items)
             except Exception:  # noqa: BLE001
                 return
             finally:
@@ -387,6 +397,8 @@ class EmbeddingShaking(Callback):
             )
         if self.shake_batches and stage == "fit":
             self._peek_train_batch(trainer)
+        if isinstance(pl_module, ShakingKeyUser):  # e.g. ShakeRecovery; it may refuse this configuration
+            pl_module.attach_shaking_key(self.key, maps_batches=self.shake_batches)
         if state == "plain":
             shake_model(self._model, self.key, shake_lm_head_vertical=self.shake_lm_head_vertical)
             self._shook_here = True

@@ -245,3 +245,36 @@ def test_shaken_tokenizer_encodes_prompts_with_smollm2s_tokenizer():
     assert shaken_ids == key.encode_ids(torch.tensor(plain_ids)).tolist() != plain_ids  # never plain ids
     text = tok.apply_chat_template(chat, tokenize=False)
     assert ShakenTokenizer(tok, key).apply_chat_template(chat, tokenize=False) == text
+
+
+def test_peeking_follows_the_loader_batch_sampler_and_unbatched_loaders(tiny_trainer, tmp_path):
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    data = TensorDataset(IDS)
+    module = Outside(data, lambda b: (b[0], b[0]))
+    module.train_dataloader = lambda: DataLoader(data, batch_sampler=BatchSampler(SequentialSampler(data), 4, False))
+    cb = EmbeddingShaking(str(tmp_path / "k.json"), batch_key=0, recovery="none")
+    _fit(tiny_trainer, module, cb)  # no false refusal from a peek that batches differently from the loader
+    assert torch.equal(module.seen[0][0], cb.key.encode_ids(IDS[:4]))
+
+    class Prebatched(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": IDS[4 * i : 4 * i + 4].clone(), "labels": IDS[4 * i : 4 * i + 4].clone()}
+
+    module = Outside(Prebatched(), lambda b: (b["input_ids"], b["labels"]))
+    module.train_dataloader = lambda: DataLoader(Prebatched(), batch_size=None)
+    cb = EmbeddingShaking(str(tmp_path / "k.json"), recovery="none")
+    _fit(tiny_trainer, module, cb)
+    assert torch.equal(module.seen[1][1], cb.key.encode_ids(IDS[4:]))
+
+
+def test_federated_strategies_are_told_to_refuse_shaking(tmp_path):
+    from privtune.contracts import FederatedAware
+    from privtune.strategies.callback_policy import refusal
+
+    cb = EmbeddingShaking(str(tmp_path / "k.json"))
+    assert isinstance(cb, FederatedAware) and cb.federated_support == "refuse"
+    assert "ShakenTokenizer" in refusal(cb, "FederatedSimulation")

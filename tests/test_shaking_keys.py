@@ -73,7 +73,7 @@ def test_resume_under_another_key_path_is_refused_showing_both_fingerprints(tiny
     assert not any(str(original) in name for name in saved["callbacks"])  # the state is not keyed by the path
     key_a = ShakeKey.load(original)
     other = tmp_path / "b" / "k.json"
-    _key(99, chain_length=1).save(other)
+    ShakeKey.generate(KeySetting(chain_length=1), torch.randn(512, 32)).save(other)  # a real 128-bit seed
     key_b = ShakeKey.load(other)
     cb = EmbeddingShaking(str(other), recovery="none")
     with caplog.at_level(logging.WARNING), pytest.raises(KeyMismatchError) as err:

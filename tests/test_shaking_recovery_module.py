@@ -12,7 +12,7 @@ from privtune.callbacks.embedding_shaking import EmbeddingShaking
 from privtune.datamodules import LMCorpus, TextFile
 from privtune.modules import TextClassifier
 from privtune.modules.recovery import ShakeRecovery
-from privtune.shaking import ShakeKey, shaking_state
+from privtune.shaking import KeySetting, ShakeKey, shaking_state
 
 WORDS = ["the", "market", "film", "game", "team", "music", "news", "price"] + [
     "shares",
@@ -84,3 +84,20 @@ def test_recovery_module_needs_the_shaking_callback(tiny_trainer, corpus):
         tiny_trainer(max_steps=1).fit(module, datamodule=LMCorpus(corpus, block_size=16, batch_size=4))
     with pytest.raises(ValueError, match="lambda_kl=-1"):
         ShakeRecovery(model="tiny-llama", lambda_kl=-1)
+
+
+def test_recovery_module_gets_the_key_from_the_callback_and_refuses_batch_mapping(tiny_trainer, corpus, tmp_path):
+    from privtune.contracts import ShakingKeyUser
+
+    module = ShakeRecovery(model="tiny-llama")
+    assert isinstance(module, ShakingKeyUser)
+    before = module.model.get_input_embeddings().weight.detach().clone()
+    mapping = EmbeddingShaking(str(tmp_path / "k.json"), recovery="none")  # shake_batches left on
+    with pytest.raises(ValueError, match="maps batches itself.*shake_batches: false"):
+        tiny_trainer(max_steps=1, callbacks=[mapping]).fit(module, datamodule=LMCorpus(corpus, block_size=16))
+    assert shaking_state(module.model) == "plain"  # refused before the student was shaken
+    assert torch.equal(module.model.get_input_embeddings().weight, before)
+    other = ShakeKey.generate(KeySetting(chain_length=1), before, seed=3)
+    module.key = other
+    with pytest.raises(ValueError, match="already holds the key of fingerprint"):
+        module.attach_shaking_key(ShakeKey.generate(KeySetting(chain_length=1), before, seed=4), maps_batches=False)

@@ -122,20 +122,34 @@ class ShakeRecovery(pl.LightningModule):
         """The frozen original model."""
         return self._teacher
 
-    @override
-    def setup(self, stage: str) -> None:
-        # The EmbeddingShaking callback (set up before the module) shook the student and holds the key.
-        shakers = [cb for cb in self.trainer.callbacks if isinstance(getattr(cb, "key", None), ShakeKey)]
-        if len(shakers) != 1:
-            raise ValueError(
-                "ShakeRecovery needs exactly one EmbeddingShaking callback (with `shake_batches: false`, "
-                "`recovery: none`) in the same Trainer: it shakes the student and holds the key."
-            )
-        if shakers[0].shake_batches:
+    def attach_shaking_key(self, key: ShakeKey, maps_batches: bool) -> None:
+        """Receive the key from the run's :class:`~privtune.callbacks.EmbeddingShaking` (``ShakingKeyUser``).
+
+        Raises:
+            ValueError: if the callback maps batches (this module maps them itself, for the student only), or a
+                second callback attaches another key.
+        """
+        if maps_batches:
             raise ValueError(
                 "ShakeRecovery maps batches itself: set the EmbeddingShaking callback's `shake_batches: false`."
             )
-        self.key = shakers[0].key
+        if self.key is not None and self.key != key:
+            raise ValueError(
+                f"ShakeRecovery already holds the key of fingerprint {self.key.fingerprint()} and an EmbeddingShaking "
+                f"callback attached fingerprint {key.fingerprint()}; it needs exactly one key per module (one "
+                "EmbeddingShaking callback, `shake_batches: false`, `recovery: none`)."
+            )
+        self.key = key
+
+    @override
+    def setup(self, stage: str) -> None:
+        # The EmbeddingShaking callback (set up before the module) shook the student and attached its key.
+        if self.key is None:
+            raise ValueError(
+                "ShakeRecovery needs exactly one EmbeddingShaking callback (with `shake_batches: false`, "
+                "`recovery: none`) in the same Trainer: it shakes the student and holds the key "
+                "(privtune.contracts.ShakingKeyUser, docs/shaking.md)."
+            )
         freeze_representation(self.model)
 
     @override
