@@ -54,6 +54,19 @@ class TokenBatch(Protocol):
     def __getitem__(self, key: Any) -> Any: ...
 
 
+@runtime_checkable
+class ShakingKeyUser(Protocol):
+    """A LightningModule that needs the shaking key (``privtune.modules.ShakeRecovery``, key implantation).
+
+    :class:`~privtune.callbacks.EmbeddingShaking` calls ``attach_shaking_key(key, maps_batches)`` in its ``setup``,
+    which Lightning runs before the module's own; the module never searches the Trainer's callbacks. It raises
+    ``ValueError`` when it cannot work with the callback as configured (e.g. it maps batches itself and needs
+    ``shake_batches: false``).
+    """
+
+    def attach_shaking_key(self, key: Any, maps_batches: bool) -> None: ...
+
+
 # ---------------------------------------------------------------------------------------------- federated runs
 @runtime_checkable
 class FederatedAware(Protocol):
