@@ -62,6 +62,7 @@ from privtune.dp.planning import UnboundedRunError, plan_steps
 log = logging.getLogger(__name__)
 
 _SAMPLINGS = ("poisson", "shuffle")
+_GRAD_SAMPLERS = ("hooks", "functorch")
 BUDGET_CHECKPOINT = "dp-budget-spent.ckpt"
 
 
@@ -105,6 +106,9 @@ class OpacusDP(Callback):
             Poisson with ``q = B / N``: the figure is approximate and labelled so).
         seed: seed of the Poisson draws; ``None`` takes the datamodule sampler's seed or ``torch.initial_seed()``
             (a resumed run keeps the checkpoint's).
+        grad_sampler: how Opacus computes per-sample gradients: ``hooks`` (its per-layer formulas) or
+            ``functorch`` (``torch.func.vmap`` for every layer); the same gradients, different speed
+            (benchmarks/dp_sgd_step.py, docs/dp_sgd.md).
 
     Raises:
         ValueError: for both or neither of ``target_epsilon`` and ``noise_multiplier``, ``target_epsilon <= 0``,
@@ -123,6 +127,7 @@ class OpacusDP(Callback):
         steps: int | None = None,
         sampling: Literal["poisson", "shuffle"] = "poisson",
         seed: int | None = None,
+        grad_sampler: Literal["hooks", "functorch"] = "hooks",
     ) -> None:
         super().__init__()
         errors = []
@@ -147,6 +152,8 @@ class OpacusDP(Callback):
             errors.append(f"`sampling={sampling!r}` must be one of {', '.join(_SAMPLINGS)}.")
         if steps is not None and steps < 1:
             errors.append(f"`steps={steps}` must be >= 1.")
+        if grad_sampler not in _GRAD_SAMPLERS:
+            errors.append(f"`grad_sampler={grad_sampler!r}` must be one of {', '.join(_GRAD_SAMPLERS)}.")
         if errors:
             raise ValueError(" ".join(errors))
         require_opacus()
@@ -158,6 +165,7 @@ class OpacusDP(Callback):
         self.steps = steps
         self.sampling = sampling
         self.seed = seed
+        self.grad_sampler = grad_sampler
         self.sample_rate: float | None = None
         self.batch_size: int | None = None
         self.dataset_size: int | None = None
@@ -172,6 +180,7 @@ class OpacusDP(Callback):
         self._loader: DataLoader | None = None
         self._hooks = None
         self._placeholder = False
+        self._skipped = False
         self._run_limit: float = math.inf
 
     # ------------------------------------------------------------------ checks and set-up
@@ -254,6 +263,15 @@ class OpacusDP(Callback):
             )
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        saved = (self._restored or {}).get("sampling")
+        if saved is not None and saved != self.sampling:  # before Lightning restores the loader's state
+            raise ValueError(
+                f"The checkpoint was trained with `sampling={saved!r}` but this run has `sampling={self.sampling!r}`: "
+                f"the privacy accounting would not hold; resume with `sampling={saved!r}`."
+            )
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from opacus.grad_sample import GradSampleHooks
         from opacus.optimizers import DPOptimizer
@@ -306,7 +324,13 @@ class OpacusDP(Callback):
             self.budget_steps,
             self.accountant_name,
         )
-        self._hooks = GradSampleHooks(pl_module, batch_first=True, loss_reduction="mean", strict=False)
+        self._hooks = GradSampleHooks(
+            pl_module,
+            batch_first=True,
+            loss_reduction="mean",
+            strict=False,
+            force_functorch=self.grad_sampler == "functorch",
+        )
         self._probe(trainer, pl_module)
         trainer.strategy.optimizers = [
             DPOptimizer(
@@ -373,6 +397,7 @@ class OpacusDP(Callback):
         optimizer = trainer.optimizers[0]
         if self.budget_steps is not None and self.steps_taken + 1 > self.budget_steps:
             optimizer.signal_skip_step(do_skip=True)  # computed but never applied: nothing is released
+            self._skipped = True
             self._stop(trainer, pl_module)
             return
         sampler = getattr(self._loader, "batch_sampler", None)
@@ -472,6 +497,8 @@ class OpacusDP(Callback):
             p.grad_sample = None
             if hasattr(p, "summed_grad"):
                 p.summed_grad = None
+            if self._skipped:  # a step refused by the cap leaves its raw, un-noised gradient in .grad
+                p.grad = None
 
     def report(self) -> dict[str, Any]:
         """What was spent and how: ``epsilon`` (by ``accountant``), the mechanism's parameters and the stop."""

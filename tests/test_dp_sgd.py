@@ -184,6 +184,40 @@ def test_kill_and_resume_mid_epoch_redraws_the_same_batches_and_spends_the_budge
     assert_spent_within(cb)
 
 
+def test_a_step_past_the_budget_is_never_applied_even_if_the_trainer_must_go_on(tmp_path) -> None:
+    """``min_steps`` overrides ``should_stop``: the cap then skips every further step instead of applying it."""
+    params: list[list[torch.Tensor]] = []
+
+    class Snap(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            params.append([p.detach().clone() for p in pl_module.parameters()])
+
+    cb = OpacusDP(target_epsilon=TARGET, steps=6)
+    module, trainer = fit(tmp_path, cb, max_time={"seconds": 120}, max_epochs=None, min_steps=12, callbacks=[Snap()])
+    assert trainer.global_step == 12 and cb.steps_taken == cb.budget_steps < 12
+    assert cb.report()["stopped_early"]
+    budget = cb.budget_steps
+    assert all(torch.equal(a, b) for later in params[budget:] for a, b in zip(params[budget - 1], later))
+    assert all(p.grad is None for p in module.parameters())  # no raw gradient of a refused step left behind
+    assert_spent_within(cb)
+
+
+def test_resume_with_another_sampling_is_refused(tmp_path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tmp_path / "a", OpacusDP(target_epsilon=TARGET), max_steps=12, enable_checkpointing=True,
+            callbacks=[ckpt, _Crash(3)])  # fmt: skip
+    with pytest.raises(ValueError, match=r"`sampling='poisson'` but this run has `sampling='shuffle'`"):
+        fit(tmp_path / "b", OpacusDP(target_epsilon=TARGET, sampling="shuffle"), max_steps=12,
+            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))  # fmt: skip
+
+
+def test_several_training_loaders_are_refused(tmp_path) -> None:
+    trainer = trainer_for(tmp_path, [OpacusDP(target_epsilon=TARGET)], max_steps=2)
+    with pytest.raises(ValueError, match=r"exactly one training `DataLoader`.*list"):
+        trainer.fit(TinyMLP(), train_dataloaders=[plain_loader(), plain_loader()])
+
+
 def test_gradient_accumulation_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"`accumulate_grad_batches=4` is not supported.*multiply .*`batch_size` by 4"):
         fit(tmp_path, OpacusDP(target_epsilon=TARGET), max_steps=4, accumulate_grad_batches=4)
@@ -276,6 +310,19 @@ def test_empty_poisson_draw_is_a_noise_only_step(tmp_path) -> None:
     trainer = trainer_for(tmp_path, [OpacusDP(noise_multiplier=0.0), Watch()], max_steps=20)
     trainer.fit(TinyMLP(lr=1.0), train_dataloaders=plain_loader(20, 1))
     assert set(changed) == {(True, False), (False, True)}
+
+
+def test_functorch_grad_sampler_gives_the_same_clipped_update(tmp_path) -> None:
+    updates = []
+    for sampler in ("hooks", "functorch"):
+        pl.seed_everything(0)
+        module = TinyMLP()
+        before = [p.detach().clone() for p in module.parameters()]
+        cb = OpacusDP(noise_multiplier=0.0, max_grad_norm=0.05, grad_sampler=sampler)
+        trainer_for(tmp_path / sampler, [cb], max_steps=3).fit(module, train_dataloaders=plain_loader())
+        updates.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(module.parameters(), before)]))
+    assert updates[0].abs().max() > 0
+    torch.testing.assert_close(updates[0], updates[1], rtol=1e-4, atol=1e-6)
 
 
 def test_iterable_dataset_is_refused_with_how_to_wrap(tmp_path) -> None:
@@ -371,9 +418,10 @@ def test_per_sample_gradients_are_clipped(tiny_trainer, data) -> None:
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     tiny_trainer(max_steps=1, limit_val_batches=0, callbacks=[cb, Spy()]).fit(module, datamodule=data)
     assert norms and max(float(n.max()) for n in norms) > 1e-3  # raw per-sample norms exceed C...
-    # ...but the applied update, with no noise, is the clipped sum over the expected batch size: norm <= C
+    # ...but the applied update, with no noise, is the sum of n clipped gradients over the expected batch size 8
+    n = max(len(x) for x in norms)
     grads = [p.grad.reshape(-1) for p in module.parameters() if p.requires_grad and p.grad is not None]
-    assert torch.cat(grads).norm() <= 1e-3 * (len(norms) and max(len(n) for n in norms)) / 8 * (1 + 1e-5)
+    assert torch.cat(grads).norm() <= 1e-3 * n / 8 * (1 + 1e-5)
     assert any(not torch.equal(before[n], p) for n, p in module.named_parameters() if n in before)
 
 
@@ -386,6 +434,12 @@ def test_bad_configuration_is_refused(tiny_trainer, data) -> None:
         OpacusDP(target_epsilon=1, accountant="gdp2")
     with pytest.raises(ValueError, match="sampling='random'"):
         OpacusDP(target_epsilon=1, sampling="random")
+    with pytest.raises(ValueError, match="grad_sampler='ghost'"):
+        OpacusDP(target_epsilon=1, grad_sampler="ghost")
+    with pytest.raises(ValueError, match="`steps=0`"):
+        OpacusDP(target_epsilon=1, steps=0)
+    with pytest.raises(ValueError, match=r"`delta=1\.5`"):
+        OpacusDP(target_epsilon=1, delta=1.5)
     module = TextClassifier(model="tiny-llama", tuning="lora")
     with pytest.raises(ValueError, match="gradient_clip_val"):
         tiny_trainer(max_steps=1, gradient_clip_val=1.0, callbacks=[OpacusDP(target_epsilon=1)]).fit(
