@@ -124,7 +124,7 @@ def test_kill_and_resume_keeps_the_key_and_ends_with_the_same_weights(tiny_train
     key = ShakeKey.load(key_path)
     run(3, save=True)
     ckpt = next((tmp_path / "ckpt").glob("*step=3*.ckpt"))
-    saved = torch.load(ckpt, weights_only=False)
+    saved = torch.load(ckpt, weights_only=True)
     assert saved["privtune_shaking"]["weights"] == ("shaken" if policy == "shaken" else "recovered-horizontal")
     emb = "model.model.embed_tokens.weight"
     if tuning == "full":  # a recovered checkpoint does not hold the shaken table (LoRA checkpoints hold no table)
@@ -170,7 +170,7 @@ def test_the_key_never_reaches_checkpoints_logs_or_config(tiny_trainer, csv_file
     for path in [*(tmp_path / "logs").rglob("*"), tmp_path / "cloud.ckpt", *(tmp_path / "cloud_model").rglob("*")]:
         if path.is_file():
             assert seed.encode() not in path.read_bytes(), path
-    saved = torch.load(tmp_path / "cloud.ckpt", weights_only=False)
+    saved = torch.load(tmp_path / "cloud.ckpt", weights_only=True)
     tensors = list(saved["state_dict"].values())
     assert not any(t.shape == key.perm.shape and t.dtype == torch.long for t in tensors)
     flat = json.dumps(saved.get("callbacks", {}), default=str) + json.dumps(
