@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from privtune.callbacks.layer_replace import LayerReplace
@@ -16,12 +21,29 @@ from privtune.callbacks.offsite_pipeline import OffsitePipeline
 from privtune.callbacks.offsite_tuning import AdapterExport, EmulatorExport, PlugAdapters
 from privtune.callbacks.rank_compression import RankCompression
 from privtune.datamodules import TextFile
-from privtune.emulator import EmulatorPlan, LowRankLinear, find_original_tensors, load_emulator_artifact, read_plan
+from privtune.emulator import (
+    EmulatorPlan,
+    LowRankLinear,
+    find_original_tensors,
+    load_adapter_artifact,
+    load_emulator_artifact,
+    read_plan,
+    save_adapter_artifact,
+)
 from privtune.models import get_blocks, load_model
 from privtune.modules import TextClassifier
 from privtune.modules.offsite_distill import EmulatorDistillation
 from privtune.modules.offsite_finetune import OffsiteFinetune
 from privtune.modules.offsite_importance import HarmonizerImportance
+from privtune.recipes.offsite import (
+    EmulatorKnobs,
+    NestedTrainers,
+    OffsiteRecipe,
+    PipelineSettings,
+    ScaleOTStage1,
+    generate_scaleot_emulator,
+    plugged_classifier,
+)
 
 WORDS = {"good": ["great", "fine", "love", "happy", "good"], "bad": ["awful", "hate", "sad", "bad", "price"]}
 
@@ -247,3 +269,157 @@ def test_one_process_pipeline_writes_the_five_setting_report(tmp_path, synthetic
         OffsitePipeline("x", task="imdb")
     assert isinstance(EmulatorPlan.from_dict(read_plan(tmp_path / "emu").to_dict()), EmulatorPlan)
     assert len(get_blocks(load_emulator_artifact(tmp_path / "emu")[0])) == 4
+
+
+# --- the recipe: nested Trainers, quiet progress, one import direction, the adapters the plug-in takes -------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pipeline(folder, csv, **kw) -> OffsitePipeline:
+    args = {"train_size": 24, "val_size": 8, "test_size": 16, "max_length": 24, "batch_size": 8, "max_steps": 2}
+    args |= {"lr": 1e-2, "template": "Text: {text}\nSentiment:", "label_words": [" negative", " positive"]}
+    return OffsitePipeline(str(folder), task=str(csv), label_names=["bad", "good"], **args | kw)
+
+
+def test_nested_trainers_follow_the_outer_precision_logger_and_device(tmp_path, synthetic_csv, tiny_trainer) -> None:
+    module = HarmonizerImportance("tiny-llama", lr=1e-2)
+    export = EmulatorExport(str(tmp_path / "emu"), adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=0.75)
+    pipeline = _pipeline(tmp_path / "report", synthetic_csv, uniform_drop_layers=1)
+    logger = CSVLogger(str(tmp_path / "logs"), name="outer")
+    tiny_trainer(max_epochs=1, precision="bf16-mixed", logger=logger, callbacks=[_replace(), export, pipeline]).fit(
+        module, datamodule=FixedLM()
+    )
+    assert pipeline.trainers == NestedTrainers("cpu", 1, "bf16-mixed", logger, str(tmp_path / "report"), 10)
+    report = json.loads((tmp_path / "report" / "offsite_report.json").read_text())
+    assert (report["meta"]["accelerator"], report["meta"]["precision"]) == ("cpu", "bf16-mixed")
+    assert report["meta"]["date_utc"] and "command" in report["meta"]
+    # each stage's test metrics land in the outer run's logger under the stage's name
+    header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    for stage in ("full_zero_shot", "full_fine_tuned", "scaleot_fine_tuned", "scaleot_plug_in"):
+        assert f"{stage}/test/acc" in header, header
+    # OT's uniform drop sits beside the exported emulator, and the verdict uses full ZS's 95% interval
+    assert set(report["arms"]) == {"scaleot", "ot_uniform_drop_1-1-1"}
+    low, high = report["full_zs_interval_95"]
+    assert low < report["settings"]["full_zs"]["acc"] < high
+    assert report["plug_in_above_full_zs_interval"]["plug_in"] == (report["settings"]["plug_in"]["acc"] > high)
+    assert "| ot_uniform_drop_1-1-1 |" in (tmp_path / "report" / "offsite_report.md").read_text()
+
+
+def test_nested_trainers_take_the_outer_device_and_refuse_several_processes() -> None:
+    def outer(device: str, world_size: int = 1) -> SimpleNamespace:
+        return SimpleNamespace(
+            world_size=world_size, strategy=SimpleNamespace(root_device=torch.device(device)), precision="bf16-mixed",
+            logger=None,
+        )  # fmt: skip
+
+    cuda = NestedTrainers.from_trainer(outer("cuda:1"), "runs/x")  # type: ignore[arg-type]
+    assert (cuda.accelerator, cuda.devices, cuda.precision) == ("cuda", [1], "bf16-mixed")
+    assert NestedTrainers.from_trainer(outer("cpu"), "runs/x").accelerator == "cpu"  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="runs 2 processes"):
+        NestedTrainers.from_trainer(outer("cuda:0", world_size=2), "runs/x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="runs on `meta`"):
+        NestedTrainers.from_trainer(outer("meta"), "runs/x")  # type: ignore[arg-type]
+
+
+def test_no_trainer_is_hard_coded_to_the_cpu() -> None:
+    python = [*(REPO / "privtune" / "recipes").glob("*.py"), *(REPO / "privtune" / "modules").glob("offsite_*.py")]
+    python += [*(REPO / "callbacks").glob("offsite_*.py"), *(REPO / "benchmarks").glob("offsite_*.py")]
+    python += [REPO / "benchmarks" / "gpu_check.py", REPO / "train.py"]
+    pinned = [str(p) for p in python if re.search(r"accelerator\s*=\s*[\"']cpu[\"']", p.read_text())]
+    configs = [REPO / "configs" / "default.yaml", *(REPO / "configs" / "offsite_tuning").glob("*.yaml")]
+    pinned += [str(p) for p in configs if re.search(r"^\s*accelerator:\s*cpu\b", p.read_text(), re.M)]
+    assert pinned == []
+
+
+def test_recipe_imports_point_one_way() -> None:
+    """callbacks -> recipes -> modules -> core: the recipe and the modules never import a callback."""
+    sources = [*(REPO / "privtune" / "recipes").glob("*.py"), *(REPO / "privtune" / "modules").glob("*.py")]
+    offenders = [str(p) for p in sources if re.search(r"^\s*(from|import) privtune\.callbacks", p.read_text(), re.M)]
+    assert offenders == []
+    for path in (REPO / "privtune" / "recipes" / "offsite.py", REPO / "callbacks" / "offsite_pipeline.py"):
+        assert not re.search(r"^[ \t]+(from \S+ )?import ", path.read_text(), re.M), path  # no function-local imports
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_train_py_runs_the_tiny_pipeline_quietly_with_progress_lines(tmp_path, monkeypatch) -> None:
+    from train import main
+
+    seen = _Lines()  # what Lightning's own console handler prints
+    logging.getLogger("lightning.pytorch").addHandler(seen)
+    monkeypatch.chdir(tmp_path)
+    try:
+        main(["fit", "--config", str(REPO / "configs" / "offsite_tuning" / "tiny_debug_pipeline.yaml")])
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(seen)
+    err = "\n".join(seen.lines)
+    assert err.count("GPU available") == 1  # the outer Trainer's banner only, not one per nested run
+    assert err.count("💡 Tip") <= 1
+    assert "[offsite] scaleot_data_owner_tuning: step 3/3, loss" in err
+    assert "[offsite] scaleot_plug_in: accuracy" in err
+    report = json.loads((tmp_path / "runs" / "offsite_tiny" / "offsite_report.json").read_text())
+    assert [r["alpha"] for r in report["sweep"]] == [0.0, 0.5]
+
+
+def test_plug_in_takes_exactly_the_last_step_adapters_the_data_owner_trained(
+    tmp_path, synthetic_csv, tiny_trainer
+) -> None:
+    stage1 = HarmonizerImportance("tiny-llama", lr=1e-2)
+    tiny_trainer(max_epochs=1, callbacks=[_replace()]).fit(stage1, datamodule=FixedLM())
+    knobs = EmulatorKnobs(adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=0.75)
+    emu_dir = generate_scaleot_emulator(ScaleOTStage1.from_module(stage1), knobs, str(tmp_path / "emu"))
+    settings = PipelineSettings(str(tmp_path), task=str(synthetic_csv), label_words=[" negative", " positive"])
+    recipe = OffsiteRecipe(settings, NestedTrainers.auto(str(tmp_path)))
+    module = OffsiteFinetune("tiny-llama", emu_dir, tuning="full", lr=1e-2)
+    initial = {k: v.clone() for k, v in module.adapter_state().items()}
+    recipe.trainers.fit("tuning", module, _task(synthetic_csv), steps=3, seed=0)
+    trained = module.adapter_state()
+    save_adapter_artifact(tmp_path / "adapters", trained, module.plan)  # what tune_emulator_and_plug_in writes
+
+    adapters, plan = load_adapter_artifact(tmp_path / "adapters")
+    original = load_model("tiny-llama")
+    expected = {f"{i}.{n}": t for i in (0, 3) for n, t in get_blocks(original)[i].state_dict().items()}
+    assert plan.split.adapter_indices == [0, 3]
+    assert set(adapters) == set(expected)  # names and original block indices
+    assert all(adapters[k].dtype == expected[k].dtype == torch.float32 for k in adapters)
+    assert all(torch.equal(adapters[k], trained[k]) for k in adapters)  # the last step's weights, no selection
+    assert any(not torch.equal(adapters[k], initial[k]) for k in adapters)  # and they did train
+    plugged = get_blocks(plugged_classifier("tiny-llama", tmp_path / "adapters").model)
+    for key, tensor in adapters.items():
+        index, _, name = key.partition(".")
+        assert torch.equal(plugged[int(index)].state_dict()[name], tensor), key
+    untouched = get_blocks(original)
+    for index in (1, 2):  # the middle stays the original model's
+        for name, tensor in plugged[index].state_dict().items():
+            assert torch.equal(tensor, untouched[index].state_dict()[name]), (index, name)
+
+
+def test_pipeline_refusals(tmp_path, synthetic_csv, tiny_trainer) -> None:
+    with pytest.raises(ValueError, match="needs an EmulatorExport callback before it"):
+        tiny_trainer(max_epochs=1, callbacks=[_replace(), _pipeline(tmp_path, synthetic_csv)]).fit(
+            HarmonizerImportance("tiny-llama"), datamodule=FixedLM()
+        )
+    distill = EmulatorDistillation("tiny-llama", 1, 1, emulator_layers=1)
+    callbacks = [EmulatorExport(str(tmp_path / "emu")), _pipeline(tmp_path, synthetic_csv, alphas=[0.25])]
+    with pytest.raises(ValueError, match="has no `layer_importance` / `harmonizers`"):
+        tiny_trainer(max_steps=1, callbacks=callbacks).fit(distill, datamodule=FixedLM())
+    with pytest.raises(ValueError, match="uniform_drop_layers=0"):
+        _pipeline(tmp_path, synthetic_csv, uniform_drop_layers=0)
+    with pytest.raises(ValueError, match="progress_every=0"):
+        _pipeline(tmp_path, synthetic_csv, progress_every=0)
+    with pytest.raises(TypeError, match="not a trained ScaleOT stage-1 module"):
+        ScaleOTStage1.from_module(distill)
+    with pytest.raises(TypeError, match="missing \\['harmonizers'\\]"):
+        ScaleOTStage1.from_module(HarmonizerImportance("tiny-llama"))  # stage 1 never ran
+    stage1 = HarmonizerImportance("tiny-llama", lr=1e-2)
+    tiny_trainer(max_steps=1, callbacks=[_replace()]).fit(stage1, datamodule=FixedLM())
+    with pytest.raises(ValueError, match="distill_steps=2"):
+        generate_scaleot_emulator(ScaleOTStage1.from_module(stage1), EmulatorKnobs(2, distill_steps=2), "unused")

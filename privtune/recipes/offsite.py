@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
+import transformers
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
@@ -98,6 +99,18 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for log in loggers:
             log.removeFilter(only_progress)
+
+
+@contextmanager
+def quiet_weight_loading() -> Iterator[None]:
+    """No per-load weight progress bar from transformers while the recipe loads the model again and again."""
+    was_enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers.utils.logging.enable_progress_bar()
 
 
 @dataclass
@@ -535,12 +548,24 @@ class OffsiteRecipe:
         Raises:
             ValueError: for an α sweep without the stage-1 state and knobs it re-generates emulators from.
         """
-        s = self.settings
-        if s.alphas and (stage1 is None or knobs is None):
+        if self.settings.alphas and (stage1 is None or knobs is None):
             raise ValueError(
-                f"`alphas={s.alphas}` re-generate ScaleOT emulators from stage 1, but no stage-1 state was given. "
-                "HINT: run the sweep after HarmonizerImportance + LayerReplace, or leave `alphas` empty."
+                f"`alphas={self.settings.alphas}` re-generate ScaleOT emulators from stage 1, but no stage-1 state was "
+                "given. HINT: run the sweep after HarmonizerImportance + LayerReplace, or leave `alphas` empty."
             )
+        with quiet_weight_loading():
+            return self._run(emulator_dir, owner_stage_seconds, stage1, knobs, distill_batches, meta)
+
+    def _run(
+        self,
+        emulator_dir: str,
+        owner_stage_seconds: Mapping[str, float] | None,
+        stage1: ScaleOTStage1 | None,
+        knobs: EmulatorKnobs | None,
+        distill_batches: Sequence[Mapping[str, Any]],
+        meta: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        s = self.settings
         plan = read_plan(emulator_dir)
         model_name = plan.base_model
         out_dir = Path(s.output_dir)
@@ -585,7 +610,7 @@ class OffsiteRecipe:
                 model_name, None, str(out_dir / f"adapters_{name}"), datamodule, k, arm=name,
                 adapters=(plan.adapter_bottom, plan.adapter_top),
             )  # fmt: skip
-            stages[f"OT uniform drop 2-{k}-2: zero-shot, tuning, plug-in"] = time.perf_counter() - start
+            stages[f"OT uniform drop {name}: zero-shot, tuning, plug-in"] = time.perf_counter() - start
             arms[name] = _arm_row(drop, drop["emulator_params"], full_params)
 
         sweep: list[dict[str, float]] = []

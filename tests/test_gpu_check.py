@@ -1,0 +1,46 @@
+"""benchmarks/gpu_check.py in its CPU smoke mode: emulator and full-model data-owner steps, measured and compared."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_mode_measures_both_modes_and_their_ratios(tmp_path) -> None:
+    gpu_check = _gpu_check()
+    out = tmp_path / "gpu_check.json"
+    report = gpu_check.main(["--smoke", "--peak-tflops", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["results"].keys() == {"tiny"}
+    assert out.with_suffix(".md").read_text().count("**emulator / full**") == 1
+    row = report["results"]["tiny"]
+    emu, full = row["emulator"], row["full"]
+    assert emu["trainable"] == full["trainable"] > 0  # the same four adapter blocks train in both
+    assert emu["params"] < full["params"]
+    assert 0 < emu["flops_per_step"] < full["flops_per_step"]  # harmonizers and low-rank attention cost less
+    assert emu["step_seconds"] > 0 and full["tokens_per_second"] > 0
+    assert 0 < emu["mfu"] < 1 and row["emulator_over_full"]["mfu"] > 0
+    assert emu["peak_memory_bytes"] is None  # CUDA-only figure
+    assert row["emulator_over_full"]["params"] == pytest.approx(emu["params"] / full["params"])
+    assert report["commit"] is None or len(report["commit"]) >= 40
+    assert report["device"] == "CPU"
+
+
+def test_without_cuda_the_full_check_refuses(monkeypatch) -> None:
+    gpu_check = _gpu_check()
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        gpu_check.main([])
