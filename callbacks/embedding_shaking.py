@@ -382,6 +382,7 @@ class EmbeddingShaking(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Everything is checked before the model is touched; shaking is the last step.
+        self._shook_here = self._foreign = False  # per run: a failed run un-shakes only what it shook
         self._model = find_hf_model(pl_module, self.model_attr)
         table = find_embedding(self._model).weight
         if self.key is None:

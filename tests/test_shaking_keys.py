@@ -325,3 +325,22 @@ def test_fitting_a_recovered_model_again_is_refused(tiny_trainer, csv_file, tmp_
         tiny_trainer(max_steps=2, limit_val_batches=0, callbacks=[cb]).fit(module, datamodule=_data(csv_file))
     assert shaking_state(module.model) == "recovered-horizontal"
     tiny_trainer(limit_test_batches=1, callbacks=[cb]).test(module, datamodule=_data(csv_file))  # evaluating is fine
+
+
+class FailsInTest(TextClassifier):
+    """A module whose test step raises."""
+
+    def test_step(self, batch, batch_idx):  # noqa: D102
+        raise RuntimeError("boom in test")
+
+
+def test_a_failed_later_run_leaves_a_model_that_came_shaken_shaken(tiny_trainer, csv_file, tmp_path):
+    pl.seed_everything(0)
+    module = FailsInTest(model="tiny-llama", tuning="lora", lr=1e-2)
+    cb = EmbeddingShaking(str(tmp_path / "k.json"), chain_length=1, recovery="none")
+    tiny_trainer(max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(module, datamodule=_data(csv_file))
+    shaken = module.model.get_input_embeddings().weight.detach().clone()
+    with pytest.raises(RuntimeError, match="boom in test"):
+        tiny_trainer(limit_test_batches=1, callbacks=[cb]).test(module, datamodule=_data(csv_file))
+    assert shaking_state(module.model) == "shaken"  # it came shaken (recovery="none"), so it stays shaken
+    assert torch.equal(module.model.get_input_embeddings().weight, shaken)
