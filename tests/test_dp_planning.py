@@ -19,12 +19,18 @@ LIMITS = [
 ]
 
 
-@pytest.mark.parametrize(("limits", "batches", "expected"), LIMITS)
+IDS = ["max_epochs", "max_steps_beyond_epochs", "max_steps", "max_steps_only", "max_time_steps", "steps_beyond",
+       "accumulate"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("limits", "batches", "expected"), LIMITS, ids=IDS)
 def test_plan_takes_the_smallest_finite_bound(limits, batches, expected) -> None:
     assert plan_steps(batches, **limits) == expected
 
 
-@pytest.mark.parametrize("limits", [{"max_epochs": -1, "max_steps": -1}, {"max_epochs": None, "max_steps": None}])
+@pytest.mark.parametrize(
+    "limits", [{"max_epochs": -1, "max_steps": -1}, {"max_epochs": None, "max_steps": None}], ids=["minus_one", "none"]
+)
 def test_unbounded_plan_is_refused(limits) -> None:
     with pytest.raises(UnboundedRunError, match=r"no finite number of steps.*`steps=`"):
         plan_steps(5, **limits)

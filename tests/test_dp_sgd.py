@@ -224,7 +224,9 @@ def test_gradient_accumulation_is_refused(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "limits", [{"max_epochs": -1, "max_steps": -1}, {"max_epochs": None, "max_time": {"seconds": 3}}]
+    "limits",
+    [{"max_epochs": -1, "max_steps": -1}, {"max_epochs": None, "max_time": {"seconds": 3}}],
+    ids=["no_limit", "max_time_only"],
 )
 def test_unbounded_run_is_refused_unless_steps_given(tmp_path, limits) -> None:
     with pytest.raises(ValueError, match=r"no finite number of steps.*give OpacusDP `steps=`"):
