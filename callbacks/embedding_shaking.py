@@ -146,6 +146,8 @@ class EmbeddingShaking(Callback):
     * ``on_train_end``: apply ``recovery``: ``horizontal`` (default; exact, the model then works with the
       plain tokenizer), ``full`` (also inverts the vertical operators; changes a trained model's function,
       the recovery gap) or ``none`` (stay shaken for private inference).
+    * after ``validate``/``test``/``predict`` (``teardown``): a model the run shook is restored to the original
+      unless ``recovery="none"``.
     * ``on_exception``: a run that fails leaves the model as it came: shaken tables that were not trained are
       restored exactly (``plain`` again), trained ones recovered horizontally; if even that fails, the log
       says where the key is and how to recover.
@@ -478,6 +480,15 @@ class EmbeddingShaking(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.recovery != "none" and self.active:
             recover_model(self._model, self.key, self.recovery)
+            self._sync_label_ids(pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # validate/test/predict never train the tables: a model this run shook goes back to the original, as
+        # `recovery` asks ("none" keeps it shaken for private inference).
+        if stage != "fit" and self.recovery != "none" and self._shook_here and self.active:
+            restore_plain(self._model, self.key)
+            self._shook_here = False
             self._sync_label_ids(pl_module)
 
     def _tables_trained(self, pl_module: pl.LightningModule) -> bool:

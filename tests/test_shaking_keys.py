@@ -344,3 +344,18 @@ def test_a_failed_later_run_leaves_a_model_that_came_shaken_shaken(tiny_trainer,
         tiny_trainer(limit_test_batches=1, callbacks=[cb]).test(module, datamodule=_data(csv_file))
     assert shaking_state(module.model) == "shaken"  # it came shaken (recovery="none"), so it stays shaken
     assert torch.equal(module.model.get_input_embeddings().weight, shaken)
+
+
+def test_evaluating_a_plain_model_under_shaking_gives_it_back_plain(tiny_trainer, csv_file, tmp_path):
+    module = _module("lora")
+    plain = module.model.get_input_embeddings().weight.detach().clone()
+    dm = _data(csv_file)
+    cb = EmbeddingShaking(str(tmp_path / "k.json"), chain_length=1)
+    shaken_acc = tiny_trainer(limit_test_batches=1, callbacks=[cb]).test(module, datamodule=dm)[0]["test/acc"]
+    assert shaking_state(module.model) == "plain"
+    assert torch.allclose(module.model.get_input_embeddings().weight, plain, atol=1e-6)
+    assert torch.equal(module.label_token_ids.cpu(), dm.label_token_ids)
+    assert 0.0 <= shaken_acc <= 1.0
+    kept = EmbeddingShaking(str(tmp_path / "k.json"), recovery="none")  # private inference: stays shaken
+    tiny_trainer(limit_test_batches=1, callbacks=[kept]).test(module, datamodule=dm)
+    assert shaking_state(module.model) == "shaken"
