@@ -27,6 +27,7 @@ from privtune.recipes.offsite import (
     PipelineSettings,
     ScaleOTStage1,
     ScaleOTStage1Module,
+    StageProgress,
 )
 
 
@@ -109,6 +110,7 @@ class OffsitePipeline(pl.Callback):
         self.trainers: NestedTrainers | None = None
         self.report: dict[str, Any] = {}
         self._fit_start = 0.0
+        self._owner_progress = StageProgress("model owner (stage 1 / distillation)", progress_every)
 
     def _export(self, trainer: pl.Trainer) -> EmulatorExport:
         callbacks = list(trainer.callbacks)
@@ -139,6 +141,14 @@ class OffsitePipeline(pl.Callback):
         self._fit_start = time.perf_counter()
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._owner_progress.on_train_start(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._owner_progress.on_train_batch_end(trainer, pl_module, *args)
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         export = self._export(trainer)
         if export.plan is None or self.trainers is None:
@@ -156,5 +166,14 @@ class OffsitePipeline(pl.Callback):
             stage1=stage1,
             knobs=knobs,
             distill_batches=batches,
-            meta=run_provenance(),
+            meta=run_provenance() | _stage1_scores(pl_module),
         )
+
+
+def _stage1_scores(pl_module: pl.LightningModule) -> dict[str, Any]:
+    """ScaleOT's learned layer importance, ``{"layer_importance": {"<block index>": score}}``, when stage 1 ran."""
+    if not isinstance(pl_module, ScaleOTStage1Module) or not pl_module.harmonizers:
+        return {}
+    middle = sorted(int(k) for k in pl_module.harmonizers)
+    scores = pl_module.layer_importance.detach().cpu().tolist()
+    return {"layer_importance": {str(i): float(v) for i, v in zip(middle, scores)}}
