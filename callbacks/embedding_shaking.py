@@ -348,9 +348,10 @@ class EmbeddingShaking(Callback):
     def _peek_train_batch(self, trainer: pl.Trainer) -> None:
         """Collate the first examples of a map-style training set and check the batch can be read.
 
-        Only where it is cheap and side-effect free: no sampler or worker runs, and the random states are
-        restored. Anything it cannot peek (an iterable dataset, a custom batch sampler) is checked at the
-        first batch instead.
+        Only where it is cheap and side-effect free: the batch is built as torch's map-style fetcher builds it
+        (``__getitems__`` or indexing, then the loader's ``collate_fn``), no sampler or worker runs, and the random
+        states are restored. Anything it cannot peek (an iterable dataset, a dataset that fails to index) is
+        checked at the first batch instead.
         """
         try:
             source = trainer.fit_loop._data_source
