@@ -11,7 +11,10 @@ given, so the data always matches the model being tuned.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -176,6 +179,42 @@ class TextClassificationDataModule(pl.LightningDataModule):
 
     def _source_name(self) -> str:
         return type(self).__name__
+
+    def _train_fingerprint(self) -> str:
+        """A hash of the encoded training split (token ids and labels): what the checkpoint was trained on."""
+        part = self._encoded["train"]
+        blob = json.dumps([part.input_ids, part.labels], separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if "train" not in self._encoded:
+            return {}
+        return {"label_names": list(self.label_names), "train_fingerprint": self._train_fingerprint()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume on other data: other classes, or another training split (file, seed, sizes, template).
+
+        Lightning restores the datamodule after ``setup``, before the first step.
+        """
+        if not state_dict or "train" not in self._encoded:
+            return
+        saved = state_dict.get("label_names")
+        if saved is not None and list(saved) != list(self.label_names):
+            raise ValueError(
+                f"The checkpoint was trained on the classes {list(saved)} but {self._source_name()} now has "
+                f"{self.label_names}: label ids would mean other classes. HINT: resume on the data it was trained "
+                "on (or set `label_names` to the checkpoint's order), or start a new run without `ckpt_path`."
+            )
+        saved_print, now = state_dict.get("train_fingerprint"), self._train_fingerprint()
+        if saved_print is not None and saved_print != now:
+            raise ValueError(
+                f"The checkpoint was trained on another training split (fingerprint {saved_print}) than "
+                f"{self._source_name()} gives now ({now}): the file, `seed`, `train_size`, `template`, `max_length` "
+                "or the tokenizer changed. HINT: resume with the run's data and settings, or start a new run "
+                "without `ckpt_path`."
+            )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self._encoded:

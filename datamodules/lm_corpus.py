@@ -7,8 +7,9 @@ one whose held-out documents do not fill a block) is cut into blocks first and i
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -138,6 +139,27 @@ class LMCorpus(pl.LightningDataModule):
         )
         train, val = blocks[: blocks.shape[0] - n_val], blocks[blocks.shape[0] - n_val :]
         return {"train": train[: self.max_train_blocks], "val": val[: self.max_val_blocks]}
+
+    def _train_fingerprint(self) -> str:
+        """A hash of the training blocks: what the checkpoint was trained on."""
+        return hashlib.sha256(self.blocks["train"].numpy().tobytes()).hexdigest()[:16]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_fingerprint": self._train_fingerprint()} if self.blocks else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume on another corpus (restored after ``setup``, before the first step)."""
+        saved = state_dict.get("train_fingerprint")
+        if saved is None or not self.blocks or saved == self._train_fingerprint():
+            return
+        raise ValueError(
+            f"The checkpoint was trained on other LM blocks (fingerprint {saved}) than `source={self.source!r}` gives "
+            f"now ({self._train_fingerprint()}): the text, `seed`, `block_size`, `val_fraction`, `max_train_blocks` "
+            "or the tokenizer changed. HINT: resume with the run's corpus and settings, or start a new run without "
+            "`ckpt_path`."
+        )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -309,3 +309,66 @@ def test_tokenizer_without_a_pad_token_pads_with_eos_or_is_refused(tmp_path, eos
     dm.setup("fit")
     batch = dm.train_dataloader().collate_fn([{"input_ids": [5, 6, 7], "labels": 0}, {"input_ids": [5], "labels": 1}])
     assert batch["input_ids"][1].tolist() == [5, eos, eos] and batch["attention_mask"][1].tolist() == [1, 0, 0]
+
+
+# ---------------------------------------------------------------------- resuming on other data
+
+
+def _fit_and_checkpoint(path, tmp_path, tiny_trainer):  # noqa: ANN001, ANN202
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    trainer = tiny_trainer(
+        max_steps=2, max_epochs=3, limit_train_batches=None, callbacks=[ckpt], enable_checkpointing=True
+    )
+    trainer.fit(TextClassifier("tiny-llama", tuning="full"), datamodule=_data(path, 24))
+    return tmp_path / "ckpt" / "last.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ("labels", r"trained on the classes \['bad', 'good'\] but .*synthetic\.csv now has \['awful', 'good'\]"),
+        ("rows", r"trained on another training split \(fingerprint \w+\) than .*synthetic\.csv gives now"),
+        ("seed", r"another training split .*`seed`"),
+    ],
+)
+def test_resume_on_other_data_is_refused_before_a_step(synthetic_csv, tmp_path, tiny_trainer, change, match) -> None:
+    last = _fit_and_checkpoint(synthetic_csv, tmp_path, tiny_trainer)
+    data = _data(synthetic_csv, 24)
+    if change == "labels":
+        synthetic_csv.write_text(synthetic_csv.read_text().replace(",bad", ",awful"))
+        data = _data(synthetic_csv, 24)
+    elif change == "rows":
+        lines = synthetic_csv.read_text().splitlines()
+        synthetic_csv.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+        data = _data(synthetic_csv, 24)
+    else:
+        data.seed = 1
+    module = _NoStep("tiny-llama", tuning="full")
+    trainer = tiny_trainer(max_steps=4, max_epochs=3, limit_train_batches=None)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(module, datamodule=data, ckpt_path=str(last))
+
+
+def test_resume_on_the_same_data_is_accepted(synthetic_csv, tmp_path, tiny_trainer) -> None:
+    last = _fit_and_checkpoint(synthetic_csv, tmp_path, tiny_trainer)
+    trainer = tiny_trainer(max_steps=3, max_epochs=3, limit_train_batches=None)
+    trainer.fit(TextClassifier("tiny-llama", tuning="full"), datamodule=_data(synthetic_csv, 24), ckpt_path=str(last))
+    assert trainer.global_step == 3
+
+
+def test_lm_corpus_resume_on_another_corpus_is_refused(tmp_path) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": f"good film {i} and bad show " * 6}) + "\n" for i in range(12)))
+    dm = LMCorpus(str(path), block_size=8, tokenizer="tiny-llama")
+    dm.setup("fit")
+    state = dm.state_dict()
+    same = LMCorpus(str(path), block_size=8, tokenizer="tiny-llama")
+    same.setup("fit")
+    same.load_state_dict(state)  # the same corpus: accepted
+    other = LMCorpus(str(path), block_size=8, tokenizer="tiny-llama", seed=3)
+    other.setup("fit")
+    match = r"trained on other LM blocks \(fingerprint \w+\) than `source=.*corpus\.jsonl'`"
+    with pytest.raises(ValueError, match=match):
+        other.load_state_dict(state)
