@@ -84,3 +84,90 @@ class FederatedAware(Protocol):
 
     federated_support: str
     federated_alternative: str
+
+
+# ---------------------------------------------------------------------------------------------- offsite-tuning
+@runtime_checkable
+class BlockModel(Protocol):
+    """The model at a callback's ``model_attr`` (default ``model``): a Hugging Face transformer whose block list
+    :func:`privtune.models.get_blocks` finds (Llama/Mistral/Qwen, GPT-2, OPT, BERT families; docs/offsite_tuning.md).
+
+    Read by :class:`~privtune.callbacks.RankCompression` (its linears), :class:`~privtune.callbacks.LayerReplace`
+    and :class:`~privtune.callbacks.EmulatorExport` (its blocks) and :class:`~privtune.callbacks.PlugAdapters`.
+    """
+
+    config: Any
+
+    def named_modules(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+@runtime_checkable
+class HarmonizerStage1Module(Protocol):
+    """A ScaleOT stage-1 LightningModule (e.g. ``privtune.modules.HarmonizerImportance``), read by
+    :class:`~privtune.callbacks.LayerReplace` and :class:`~privtune.callbacks.EmulatorExport`.
+
+    Besides the model at ``model_attr``: ``model_name`` (recorded in the emulator plan), ``harmonizers``, an
+    ``nn.ModuleDict`` that ``LayerReplace`` fills with one harmonizer per candidate block (keys: block indices),
+    and ``layer_importance``, the candidates' scores that ``LayerReplace`` mirrors into the module.
+    """
+
+    model_name: str
+    harmonizers: nn.ModuleDict
+    layer_importance: Any
+
+
+@runtime_checkable
+class EmulatorModule(Protocol):
+    """A LightningModule that builds its own emulator (``privtune.modules.EmulatorDistillation``), exported by
+    :class:`~privtune.callbacks.EmulatorExport`: ``emulator`` (may be ``None`` until the module's ``setup``),
+    its ``plan`` and the ``original`` model it was built from."""
+
+    emulator: Any
+    plan: Any
+    original: Any
+
+
+@runtime_checkable
+class AdapterSource(Protocol):
+    """A data-owner LightningModule (``privtune.modules.OffsiteFinetune``) read by
+    :class:`~privtune.callbacks.AdapterExport`: the emulator ``plan`` and ``adapter_state()``, the adapter tensors
+    keyed ``"<original block index>.<param>"``."""
+
+    plan: Any
+
+    def adapter_state(self) -> Any: ...
+
+
+#: Keys :class:`~privtune.callbacks.TuningReport` reads from each ``evaluate()`` result.
+EVALUATE_KEYS = ("acc", "f1", "n")
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """A LightningModule that :class:`~privtune.callbacks.TuningReport` evaluates before and after fit:
+    ``evaluate(dataloader, desc=...)`` returns a mapping with at least :data:`EVALUATE_KEYS` (accuracy in
+    ``[0, 1]``, macro-F1, example count), as ``privtune.modules.TextClassifier`` does."""
+
+    def evaluate(self, dataloader: Any, desc: str = "") -> Any: ...
+
+
+def protocol_members(protocol: type) -> list[str]:
+    """The attribute and method names a ``Protocol`` declares (its own and its bases'), in declaration order."""
+    names: list[str] = []
+    for cls in reversed(protocol.__mro__):
+        if cls is object or cls.__name__ in ("Protocol", "Generic"):
+            continue
+        methods = [name for name, member in vars(cls).items() if callable(member)]
+        for name in [*getattr(cls, "__annotations__", {}), *methods]:
+            if not name.startswith("_") and name not in names:
+                names.append(name)
+    return names
+
+
+def missing_members(obj: object, protocol: type) -> list[str]:
+    """The members of ``protocol`` that ``obj`` lacks (empty: it satisfies the Protocol's shape)."""
+    return [name for name in protocol_members(protocol) if not hasattr(obj, name)]
+
+
+class ContractError(TypeError):
+    """A callback's module, trainer or batch does not provide what the callback's Protocol names."""
