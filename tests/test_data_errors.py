@@ -372,3 +372,38 @@ def test_lm_corpus_resume_on_another_corpus_is_refused(tmp_path) -> None:
     match = r"trained on other LM blocks \(fingerprint \w+\) than `source=.*corpus\.jsonl'`"
     with pytest.raises(ValueError, match=match):
         other.load_state_dict(state)
+
+
+def test_label_outside_label_names_is_refused_naming_its_rows(tmp_path) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text(_csv([*ROWS, ("so so", "meh")]))
+    with pytest.raises(
+        ValueError, match=r"labels \['meh'\] \(line 14 \(1 rows\)\) are not in `label_names=\['neg', 'pos'\]`"
+    ):
+        read_table(path, label_names=["neg", "pos"])
+
+
+def test_label_names_with_a_class_no_row_has_is_refused(tmp_path) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text(_csv(ROWS))
+    with pytest.raises(ValueError, match=r"`label_names` lists \['neutral'\], which no row has"):
+        TextFile(str(path), label_names=["neg", "neutral", "pos"])
+    with pytest.raises(ValueError, match=r"repeats a class"):
+        read_table(path, label_names=["neg", "pos", "neg"])
+
+
+def test_repeated_header_column_is_refused(tmp_path) -> None:
+    path = tmp_path / "twice.csv"
+    path.write_text("text,label,text\n" + "".join(f"{t},{lab},other\n" for t, lab in ROWS))
+    with pytest.raises(ValueError, match=r"twice\.csv, line 1: the header repeats the columns \['text'\]"):
+        read_table(path)
+
+
+def test_tsv_and_quoted_commas_are_read(tmp_path) -> None:
+    tsv = tmp_path / "rows.tsv"
+    tsv.write_text("text\tlabel\n" + "".join(f"{t}, really\t{lab}\n" for t, lab in ROWS))
+    quoted = tmp_path / "rows.csv"
+    quoted.write_text("text,label\n" + "".join(f'"{t}, really",{lab}\n' for t, lab in ROWS))
+    for path in (tsv, quoted):
+        data = read_table(path)
+        assert data.texts[0] == "the film was great, really" and len(data) == len(ROWS)

@@ -38,12 +38,31 @@ class TextDataset:
         return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
 
 
-def _index_labels(texts: list[str], names: list[str], label_names: Sequence[str] | None, where: str) -> TextDataset:
+def _index_labels(
+    texts: list[str],
+    names: list[str],
+    label_names: Sequence[str] | None,
+    where: str,
+    rows: Sequence[str] | None = None,
+) -> TextDataset:
     classes = list(label_names) if label_names is not None else sorted(set(names))
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"{where}: `label_names={classes}` repeats a class.")
     lookup = {name: i for i, name in enumerate(classes)}
     unknown = sorted(set(names) - set(lookup))
     if unknown:
-        raise ValueError(f"{where}: labels {unknown[:5]} are not in `label_names={classes}`.")
+        at = [i for i, n in enumerate(names) if n in unknown]
+        found = f" ({_rows_message(list(rows), at)})" if rows is not None else ""
+        raise ValueError(
+            f"{where}: labels {unknown[:5]}{found} are not in `label_names={classes}`. HINT: add them to "
+            "`label_names`, or fix those rows."
+        )
+    absent = [c for c in classes if c not in set(names)]
+    if absent:
+        raise ValueError(
+            f"{where}: `label_names` lists {absent}, which no row has; a class without examples is never trained "
+            "or evaluated. HINT: drop it from `label_names`, or check `label_column`."
+        )
     return TextDataset(texts, [lookup[n] for n in names], classes)
 
 
@@ -123,6 +142,9 @@ def _csv_rows(path: Path, text: str, delimiter: str) -> _Rows:
     rows, where = [], []
     try:
         columns = [c.strip() for c in reader.fieldnames or []]
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            raise ValueError(f"{path}, line 1: the header repeats the columns {repeated}; name every column once.")
         reader.fieldnames = columns
         for row in reader:
             if row.get(None):  # type: ignore[call-overload]
@@ -272,4 +294,4 @@ def read_table(
             f"(values {values}). HINT: fill or drop those rows; if {values} is a real class, list it in "
             "`label_names`."
         )
-    return _index_labels(texts, names, label_names, str(table.path))
+    return _index_labels(texts, names, label_names, str(table.path), table.where)
