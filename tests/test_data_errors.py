@@ -407,3 +407,10 @@ def test_tsv_and_quoted_commas_are_read(tmp_path) -> None:
     for path in (tsv, quoted):
         data = read_table(path)
         assert data.texts[0] == "the film was great, really" and len(data) == len(ROWS)
+
+
+def test_lm_corpus_without_a_tokenizer_says_how_to_give_one(tmp_path) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps({"text": "good film " * 40}) + "\n")
+    with pytest.raises(ValueError, match=r"LMCorpus needs a tokenizer: pass `tokenizer=<model name>`"):
+        LMCorpus(str(path), block_size=8).setup("fit")
