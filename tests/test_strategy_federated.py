@@ -145,3 +145,44 @@ def test_slq_chooses_how_many_layers(tmp_path: Path) -> None:
     assert runner.ratio is not None
     assert 0.0 <= runner.ratio <= 1.0
     assert len(runner.selected) == max(1, min(4, round(runner.ratio * 4)))
+
+
+class _Payload:
+    """A pickled object that would create a file when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_is_refused_for_another_client_count_or_server_and_never_unpickles(tmp_path: Path) -> None:
+    from privtune.federated import FedAdam
+    from privtune.modules.prompt_tuning import PromptTuning
+
+    ckpt = tmp_path / "a" / "run.ckpt"
+    (tmp_path / "a").mkdir()
+    trainer, _ = run(tmp_path / "a", num_rounds=1)
+    trainer.save_checkpoint(str(ckpt))
+    assert "federated" in torch.load(ckpt, weights_only=True)  # the federated state is plain data
+
+    def resume(num_clients: int = 6, **fed: object) -> None:
+        strategy = FederatedSimulation(federated=FederatedConfig(sample_fraction=0.5, local_max_steps=2, **fed))
+        data = make_data(write_csv(tmp_path / "data.csv"), num_clients=num_clients)
+        module = PromptTuning(model="tiny-llama", num_virtual_tokens=2, seed=0)
+        make_trainer(strategy, tmp_path / "b").fit(module, datamodule=data, ckpt_path=str(ckpt))
+
+    with pytest.raises(ValueError, match=r"`num_clients`: checkpoint 6, this run 4"):
+        resume(num_clients=4, num_rounds=2)
+    with pytest.raises(ValueError, match=r"`server`: checkpoint '.*FedPepTAOServer', this run '.*FedAdam'"):
+        resume(num_rounds=2, server=FedAdam())
+    # a checkpoint carrying a pickled object is refused before the object runs
+    evil = tmp_path / "evil.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["payload"] = _Payload(tmp_path / "pwned")
+    torch.save(checkpoint, evil)
+    ckpt = evil
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        resume(num_rounds=2)
+    assert not (tmp_path / "pwned").exists()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from privtune.federated.client import LocalConfig
+from privtune.federated.client_dp import ClientLevelDP
 from privtune.federated.fedopt import ServerOptimizer
 from privtune.federated.fedpeptao import FedPepTAOServer
 from privtune.federated.fedprox import check_mu
@@ -58,6 +59,11 @@ class FederatedConfig:
             FedPepTAO's ``reset_local_opt_each_round``; else False, the FedPepTAO code's behaviour).
         local_zero_grad: zero the gradient before each local step (``None``: the server's recommendation; else
             True).
+        client_dp: client-level differential privacy (DP-FedAvg, McMahan et al. 2018) over the communicated
+            tensors: each client's update clipped to ``clipping_norm``, uniform mean, Gaussian noise, RDP accounting
+            with ``q = sampled / all clients`` per round; the run stops before a round that would exceed
+            ``target_epsilon``. In YAML ``client_dp: {clipping_norm: 0.5, target_epsilon: 3.0, delta: 1e-4}`` (the
+            typed arguments of :class:`~privtune.federated.client_dp.ClientLevelDP`). ``None``: off.
         eval_every: personalised evaluation every this many rounds (and always at the last round).
         seed: seed of sampling, client data order and dropout.
         report_dir: where the JSON / Markdown report and the plot are written at the end (None: no report).
@@ -88,6 +94,7 @@ class FederatedConfig:
     local_max_steps: int = 0
     reset_local_optimizer: bool | None = None
     local_zero_grad: bool | None = None
+    client_dp: ClientLevelDP | None = None
     eval_every: int = 1
     seed: int = 42
     report_dir: str | None = None
@@ -138,6 +145,16 @@ class FederatedConfig:
         check(self.local_max_steps >= 0, f"`local_max_steps` must be >= 0; got {self.local_max_steps}.")
         check(self.eval_every >= 1, f"`eval_every` must be >= 1; got {self.eval_every}.")
         check(self.client_lr is None or self.client_lr > 0, f"`client_lr` must be > 0; got {self.client_lr}.")
+        check(
+            self.client_dp is None or isinstance(self.client_dp, ClientLevelDP),
+            f"`client_dp` must be a privtune.federated.client_dp.ClientLevelDP or None; got {self.client_dp!r}.",
+        )
+        check(
+            self.client_dp is None or not getattr(self.server, "per_client_extras", False),
+            f"`client_dp` cannot protect `server: {type(self.server).__name__}`: its clients also upload "
+            "control-variate changes that client-level DP does not clip or noise; use another server optimizer "
+            "(FedAvg, FedAdam, FedPepTAOServer, ...) with client_dp.",
+        )
         if problems:
             raise ValueError("Invalid federated configuration: " + " ".join(problems))
 

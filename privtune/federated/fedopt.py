@@ -48,15 +48,15 @@ class ServerOptimizer:
             run's default, keep the client's state).
         client_zero_grad: whether clients zero the gradient before each local step (``None``: the run's default).
         bytes_factor: multiplier on the upload/download traffic of the prompt (2 for SCAFFOLD's control variates).
-        per_client_uploads: the step reads each client's upload separately (control variates from ``w_i``);
-            under client-level DP it then receives the noised mean as every client's upload.
+        per_client_extras: clients upload more than the communicated tensors (SCAFFOLD's ``dc_i``), which
+            client-level DP does not cover; such a server is refused with ``client_dp``.
     """
 
     client_lr: float | None = None
     client_reset_optimizer: bool | None = None
     client_zero_grad: bool | None = None
     bytes_factor: int = 1
-    per_client_uploads: bool = False
+    per_client_extras: bool = False
 
     def __init__(self) -> None:
         self.round = 0  # server rounds completed (t after a step is 1-based)

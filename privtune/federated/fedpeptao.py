@@ -142,8 +142,6 @@ class FedPepTAOServer(ServerOptimizer):
         ValueError: if ``num_clients < 1``, or both ``options`` and ``preset`` are given.
     """
 
-    per_client_uploads = True
-
     def __init__(
         self,
         *,

@@ -7,7 +7,10 @@ FedPepTAO (Che et al., EMNLP 2023, arXiv 2310.15080, spec §5-§7) and its basel
    the global value, local steps of its optimizer, the FedProx term (``proximal_mu``) and SCAFFOLD's drift
    correction (``server: Scaffold``) added to the gradients; it uploads the communicated tensors;
 3. :meth:`FederatedLoop.aggregate`: the uploads (and the new client states) are combined in sampling order, the
-   server optimizer steps, the ledger counts bytes and time;
+   server optimizer steps, the ledger counts bytes and time. With ``client_dp`` (DP-FedAvg, McMahan et al. 2018)
+   each update ``w_i - w`` is clipped, the uniform mean is noised and accounted (:mod:`privtune.federated.client_dp`)
+   before the server optimizer sees it (post-processing: every server optimizer works, FedPepTAO's included), and
+   the run stops before a round that would spend more than ``target_epsilon``;
 4. personalised evaluation: each client's own prompt with the global part, predictions pooled over clients.
 
 The client model only has to satisfy :class:`~privtune.federated.protocol.FederatedClient` (and
@@ -35,12 +38,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from privtune.federated.accounting import CommLedger
 from privtune.federated.aggregate import ClientUpdate, State
 from privtune.federated.client import ClientState, ClientStore, LocalConfig, local_update
+from privtune.federated.client_dp import ClientLevelDP
 from privtune.federated.config import FederatedConfig
 from privtune.federated.fedprox import ProximalTerm
 from privtune.federated.protocol import (
@@ -252,7 +257,8 @@ class FederatedLoop:
         self.num_clients = 0
         self.client: FederatedClient | None = None
         self.data: ClientData | None = None
-        self.client_dp: Any = None  # client-level DP (set when the config asks for it)
+        self.client_dp: ClientLevelDP | None = None  # this run's copy of `config.client_dp`, planned at set-up
+        self.stop_reason: str | None = None
         self._restored: dict[str, Any] | None = None
         self.on_client_end: Callable[[int, int], None] | None = None
 
@@ -295,6 +301,7 @@ class FederatedLoop:
             client_lr=cfg.resolved_client_lr(self.server),
         )
         self.local = cfg.local_config(self.server)
+        self.client_dp = self._plan_client_dp()
         if self._restored is not None:
             restored, self._restored = self._restored, None
             self.view = CommunicatedView(prompt_name, list(restored["selected"]))
@@ -304,6 +311,22 @@ class FederatedLoop:
         self.view = CommunicatedView(prompt_name, list(self.selected))
         self.store = ClientStore(initial_prompt=self.view.personal(params))
         self.global_state = self.view.upload(params)
+
+    def _plan_client_dp(self) -> ClientLevelDP | None:
+        """This run's copy of ``config.client_dp``, planned for the run's rounds, cohort and client count."""
+        cfg = self.config
+        if cfg.client_dp is None:
+            return None
+        dp = copy.deepcopy(cfg.client_dp)
+        cohort = len(plan_round(1, self.num_clients, cfg.sample_fraction, cfg.seed).sampled)
+        dp.plan(num_rounds=cfg.num_rounds, sample_rate=cohort / self.num_clients, clients_per_round=cohort)
+        return dp
+
+    def _dp_generator(self, round_idx: int) -> torch.Generator:
+        """The round's noise generator, derived from ``(seed, round)`` so every DDP rank and a resumed run draw the
+        same noise (simulation; a deployment's server keeps its noise seed secret)."""
+        seed = int(np.random.default_rng([self.config.seed, round_idx, 104729]).integers(0, 2**62))
+        return torch.Generator().manual_seed(seed)
 
     def _choose_layers(self, client: PartialPromptClient, data: ClientData) -> list[int]:
         cfg = self.config
@@ -408,6 +431,19 @@ class FederatedLoop:
             plan: the round's plan.
             updates: the reporting clients' uploads, in sampling order.
         """
+        dp_metrics: dict[str, float] = {}
+        if self.client_dp is not None:
+            # clip each update w_i - w, noise the uniform mean; the server optimizer gets that mean as every
+            # client's upload with equal weights (post-processing; step counts K_i stay metadata, as in Flower)
+            private = self.client_dp.private_mean(
+                self.global_state, [u.state for u in updates], self._dp_generator(round_idx)
+            )
+            updates = [dataclasses.replace(u, state=private, num_examples=1, extras={}) for u in updates]
+            dp_metrics = {
+                "privacy/epsilon": self.client_dp.epsilon(),
+                "privacy/clipping_norm": self.client_dp.clipping_norm,
+                "privacy/noise_std": self.client_dp.noise_std(),
+            }
         self.global_state = self.server.step(self.global_state, updates)
         rec = self.ledger.record(
             round_idx,
@@ -429,6 +465,7 @@ class FederatedLoop:
             "clients/reported": float(len(plan.reporting)),
         }
         metrics.update(getattr(self.server, "diagnostics", {}))
+        metrics.update(dp_metrics)
         return metrics
 
     def run_round(self, rank: int = 0, world_size: int = 1, gather: Gather = _single) -> dict[str, float]:
@@ -442,9 +479,16 @@ class FederatedLoop:
         """
         cfg = self.config
         _, _, store, _ = self._ready()
-        if self.round >= cfg.num_rounds:
+        if self.round >= cfg.num_rounds or self.stop_reason is not None:
             return {}
         r = self.round + 1
+        if self.client_dp is not None and not self.client_dp.round_allowed(r):
+            self.stop_reason = (
+                f"client-level DP: round {r} would spend epsilon={self.client_dp.epsilon(r):.4g} > "
+                f"target_epsilon={self.client_dp.target_epsilon}; stopped after round {self.round} at "
+                f"epsilon={self.client_dp.epsilon():.4g}."
+            )
+            return {}
         plan = self.plan(r)
         if self.pending is None or self.pending["round"] != r:
             self.pending = {"round": r, "updates": {}, "states": {}}
@@ -512,6 +556,7 @@ class FederatedLoop:
             "seed": cfg.seed,
             "sample_fraction": cfg.sample_fraction,
             "proximal_mu": cfg.proximal_mu,
+            "client_dp": _dp_settings(cfg.client_dp),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -583,7 +628,7 @@ class FederatedLoop:
         shapes = {k: list(v.shape) for k, v in self.global_state.items()}
         return {
             "server": type(self.server).__name__ if self.server is not None else None,
-            "config": {k: _plain(v) for k, v in vars(cfg).items() if k != "server"},
+            "config": {k: _plain(v) for k, v in vars(cfg).items() if k not in ("server", "client_dp")},
             "server_optimizer": _plain(self.server.describe()) if self.server is not None else {},
             "local": _plain(dataclasses.asdict(self.local)) if self.local is not None else {},
             "selected_layers": self.selected,
@@ -594,7 +639,17 @@ class FederatedLoop:
             "ledger": self.ledger.summary(),
             "history": self.history,
             "peak_client_state_bytes": self.store.nbytes() if self.store is not None else 0,
+            "client_dp": self.client_dp.describe() if self.client_dp is not None else None,
+            "stop_reason": self.stop_reason,
         }
+
+
+def _dp_settings(dp: ClientLevelDP | None) -> dict[str, Any] | None:
+    """The configured privacy settings of ``client_dp`` (before planning), for the resume fingerprint."""
+    if dp is None:
+        return None
+    keys = ("clipping_norm", "noise_multiplier", "target_epsilon", "delta", "adaptive")
+    return {k: getattr(dp, k) for k in keys}
 
 
 def _plain(value: Any) -> Any:

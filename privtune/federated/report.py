@@ -20,6 +20,7 @@ ACC = "fed/personalized_acc"
 def summarize(run: dict[str, Any], target: float | None = None) -> dict[str, Any]:
     """Final / best accuracy, rounds to ``target``, and total bytes of one run's report dict."""
     points = [(h["round"], h[ACC]) for h in run["history"] if ACC in h]
+    spent = [h["privacy/epsilon"] for h in run["history"] if "privacy/epsilon" in h]
     accs = [a for _, a in points]
     reach = next((int(r) for r, a in points if target is not None and a >= target), None)
     ledger = run["ledger"]
@@ -35,6 +36,7 @@ def summarize(run: dict[str, Any], target: float | None = None) -> dict[str, Any
         "round_seconds_total": ledger["round_seconds_total"],
         "num_selected_layers": len(run.get("selected_layers", [])),
         "elements_per_client": run.get("elements_per_client"),
+        "epsilon": spent[-1] if spent else None,  # client-level DP spend after the last round (None: no DP)
     }
 
 

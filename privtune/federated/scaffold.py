@@ -95,7 +95,7 @@ class Scaffold(ServerOptimizer):
     """
 
     bytes_factor = 2
-    per_client_uploads = True
+    per_client_extras = True
 
     def __init__(self, *, num_clients: int | None = None, eta_g: float = 1.0, eta_l: float | None = None) -> None:
         super().__init__()

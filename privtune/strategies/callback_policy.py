@@ -12,8 +12,9 @@ The rule, in order:
 2. Lightning's own callbacks (checkpointing, progress bars, summaries, timers) are accepted: they count steps,
    save and display, and a round is a step;
 3. any other callback that overrides a batch or gradient hook is refused, naming the hook;
-4. the rest (set-up and fit-end hooks only: ``RankCompression``, ``TuningReport``, ...) are accepted; they act on
-   the shared model before or after the rounds and check their own contracts.
+4. privtune's own callbacks (``privtune.callbacks``) that do not declare themselves are refused: each privacy
+   mechanism states whether it protects a federated run, none is assumed to;
+5. the rest (a project's own callbacks with set-up, fit-end or exception hooks only) are accepted.
 
 Threat model: the simulated clients' local training happens inside the loop; only what runs there protects them.
 """
@@ -67,18 +68,25 @@ def refusal(callback: Callback, strategy: str) -> str | None:
             f"`{name}` cannot run under the federated Strategy `{strategy}`: it declares that it does not act "
             f"inside the clients' local training; instead {callback.federated_alternative}."
         )
-    if type(callback).__module__.startswith(("lightning.", "pytorch_lightning.")):
+    module = type(callback).__module__
+    if module.startswith(("lightning.", "pytorch_lightning.")):
         return None
     hooks = overridden_batch_hooks(callback)
-    if not hooks:
-        return None
-    return (
-        f"`{name}` works on training batches or gradients ({', '.join(hooks)}), but the federated Strategy "
-        f"`{strategy}` trains every client inside its own round loop where those hooks never see a client's "
-        f"batches or gradients, so it would silently do nothing; remove it ({CLIENT_DP_HINT}), or, if it only "
-        "needs one tick per round, declare `federated_support = 'run'` on its class (privtune.contracts."
-        "FederatedAware)."
-    )
+    if hooks:
+        return (
+            f"`{name}` works on training batches or gradients ({', '.join(hooks)}), but the federated Strategy "
+            f"`{strategy}` trains every client inside its own round loop where those hooks never see a client's "
+            f"batches or gradients, so it would silently do nothing; remove it ({CLIENT_DP_HINT}), or, if it only "
+            "needs one tick per round, declare `federated_support = 'run'` on its class (privtune.contracts."
+            "FederatedAware)."
+        )
+    if module.startswith("privtune.callbacks"):
+        return (
+            f"privtune's `{name}` does not declare how it acts in a federated run (privtune.contracts.FederatedAware), "
+            f"so the federated Strategy `{strategy}` refuses it rather than let a mechanism silently protect less "
+            f"than asked; remove it ({CLIENT_DP_HINT})."
+        )
+    return None
 
 
 def check_callbacks(callbacks: Iterable[Callback], strategy: str) -> None:

@@ -86,14 +86,20 @@ class _FederatedMixin:
         rank, world = self._rank_world()
         metrics = self.loop.run_round(rank, world, self._gather)
         if not metrics:
+            if self.loop.stop_reason is not None:
+                rank_zero_info(f"[federated] {self.loop.stop_reason}")
             trainer.should_stop = True
             return None
+        # a round is one optimizer step for Lightning: `global_step`, `max_steps`, ModelCheckpoint count rounds
+        progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
         module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=1, rank_zero_only=True)
-        acc = metrics.get("fed/personalized_acc")
+        acc, eps = metrics.get("fed/personalized_acc"), metrics.get("privacy/epsilon")
         rank_zero_info(
             f"[federated] round {int(metrics['round'])}/{self.federated.num_rounds}: "
             f"acc={'-' if acc is None else f'{acc:.4f}'} up={int(metrics['comm/up_bytes'])} B "
-            f"round_time={metrics['time/round_seconds']:.1f} s"
+            f"round_time={metrics['time/round_seconds']:.1f} s" + ("" if eps is None else f" epsilon={eps:.3f}")
         )
         if self.loop.round >= self.federated.num_rounds:
             trainer.should_stop = True

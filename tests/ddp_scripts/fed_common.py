@@ -50,8 +50,11 @@ def make_data(csv_path: Path, num_clients: int = 6, **kw: Any) -> FederatedDataM
     return FederatedDataModule(inner, num_clients=num_clients, alpha=kw.pop("alpha", 0.5), seed=1, **kw)
 
 
-def make_trainer(strategy: pl.strategies.Strategy, tmp: Path, devices: int = 1) -> pl.Trainer:
+def make_trainer(
+    strategy: pl.strategies.Strategy, tmp: Path, devices: int = 1, callbacks: list[pl.Callback] | None = None
+) -> pl.Trainer:
     return pl.Trainer(
+        callbacks=callbacks,
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
@@ -71,6 +74,7 @@ def run(
     devices: int = 1,
     strategy_cls: Any = None,
     encoder_head: str = "label_names",
+    callbacks: list[pl.Callback] | None = None,
     **fed: Any,
 ) -> tuple[pl.Trainer, Any]:
     csv_path = write_csv(tmp / "data.csv")
@@ -81,6 +85,6 @@ def run(
     kwargs = {"num_labels": 2, "encoder_head": encoder_head} if model == "tiny-bert" else {}
     module = PromptTuning(model=model, num_virtual_tokens=2, seed=0, **kwargs)
     data = make_data(csv_path, num_clients=num_clients)
-    trainer = make_trainer(strategy, tmp, devices)
+    trainer = make_trainer(strategy, tmp, devices, callbacks)
     trainer.fit(module, datamodule=data)
     return trainer, strategy

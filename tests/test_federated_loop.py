@@ -1,0 +1,263 @@
+"""The core round loop without Lightning: a toy client and toy data, client-level DP inside the loop, resume
+safety (another client count, server, layer selection, seed or privacy setting is refused) and plain-data state."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from privtune.federated import (
+    FedAdam,
+    FedAvg,
+    FederatedClient,
+    FederatedConfig,
+    FederatedLoop,
+    FedPepTAOServer,
+    PartialPromptClient,
+    ResumeMismatchError,
+    Scaffold,
+    ServerOptimizer,
+)
+from privtune.federated.client_dp import ClientLevelDP
+
+P, L, H = 2, 3, 4
+
+
+class ToyClient(nn.Module):
+    """A partial-prompt client: ``prefix [P, L, H]`` (layers on axis 1) and a ``head [H]``; quadratic loss."""
+
+    prompt_name = "prefix"
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.prefix = nn.Parameter(0.1 * torch.randn(P, L, H, generator=g))
+        self.head = nn.Parameter(torch.zeros(H))
+        self.drop = nn.Dropout(0.1)
+
+    @property
+    def num_prompt_layers(self) -> int:
+        return L
+
+    def client_parameters(self) -> dict[str, Tensor]:
+        return {"prefix": self.prefix, "head": self.head}
+
+    def _out(self, x: Tensor) -> Tensor:
+        return self.drop(self.prefix.sum(dim=(0, 1))) + self.head  # [H]
+
+    def client_loss(self, batch: list[Tensor]) -> Tensor:
+        return ((self._out(batch[0]) - batch[0]) ** 2).sum(-1).mean()
+
+    def evaluate_batch(self, batch: list[Tensor]) -> tuple[int, int]:
+        err = ((self._out(batch[0]) - batch[0]) ** 2).sum(-1)
+        return int((err < 1.0).sum()), len(batch[0])
+
+    def hidden_states(self, batch: list[Tensor]) -> tuple[Tensor, ...]:
+        x = batch[0]
+        return tuple(x + i * self.prefix[:, min(i, L - 1)].sum(0) for i in range(L + 1))
+
+
+class ToyData:
+    """``num_clients`` clients with different sizes and means (label skew's analogue)."""
+
+    def __init__(self, num_clients: int = 6) -> None:
+        self.num_clients = num_clients
+        g = torch.Generator().manual_seed(1)
+        self.x = [torch.randn(4 + 2 * c, H, generator=g) + c / num_clients for c in range(num_clients)]
+
+    def client_train_loader(self, client_id: int, seed: int) -> DataLoader:
+        gen = torch.Generator().manual_seed(seed)
+        return DataLoader(TensorDataset(self.x[client_id]), batch_size=2, shuffle=True, generator=gen)
+
+    def client_eval_loader(self, client_id: int) -> DataLoader:
+        return DataLoader(TensorDataset(self.x[client_id]), batch_size=4)
+
+    def client_num_examples(self, client_id: int) -> int:
+        return len(self.x[client_id])
+
+
+def _config(**kw: Any) -> FederatedConfig:
+    base: dict[str, Any] = {
+        "num_rounds": 3,
+        "sample_fraction": 0.5,
+        "layers": "list",
+        "selected_layers": [0, 2],
+        "local_max_steps": 2,
+        "client_lr": 0.05,
+    }
+    return FederatedConfig(**{**base, **kw})
+
+
+def _run(config: FederatedConfig, data: ToyData | None = None) -> FederatedLoop:
+    loop = FederatedLoop(config)
+    loop.setup(ToyClient(), data or ToyData())
+    while loop.run_round():
+        pass
+    return loop
+
+
+def test_the_loop_runs_a_plain_pytorch_client() -> None:
+    assert isinstance(ToyClient(), PartialPromptClient) and isinstance(ToyClient(), FederatedClient)
+    loop = _run(_config())
+    assert loop.round == 3 and len(loop.history) == 3
+    # the communicated state: the selected layers' slices and the head; unselected layers stay on the clients
+    assert loop.global_state["prefix"].shape == (P, 2, H) and loop.global_state["head"].shape == (H,)
+    assert loop.elements_per_client() == P * 2 * H + H
+    rec = loop.ledger.rounds[0]
+    assert rec.up_bytes == 4 * loop.elements_per_client() * 3
+    trained = [c for c in loop.store.clients.values() if c.prompt is not None]
+    assert not torch.equal(trained[0].prompt[:, 1], trained[1].prompt[:, 1])  # personal layer 1 differs
+    # the configured server object is never stepped: the loop works on a bound copy
+    assert loop.config.server.round == 0 and loop.server.round == 3
+
+
+def test_a_client_missing_a_protocol_member_is_named() -> None:
+    class NoEval(nn.Module):
+        def client_parameters(self) -> dict[str, Tensor]:
+            return {}
+
+        def client_loss(self, batch: Any) -> Tensor:
+            return torch.zeros(())
+
+    with pytest.raises(TypeError, match=r"implementing `FederatedClient`; `NoEval` lacks \['evaluate_batch'\]"):
+        FederatedLoop(_config(layers="all")).setup(NoEval(), ToyData())
+    with pytest.raises(TypeError, match=r"`PartialPromptClient` \(the `layers`.*\['evaluate_batch', 'prompt_name'"):
+        FederatedLoop(_config()).setup(NoEval(), ToyData())
+    with pytest.raises(ValueError, match=r"client-partitioned datamodule.*`list` lacks \['num_clients'"):
+        FederatedLoop(_config()).setup(ToyClient(), [])  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- client-level DP
+def test_client_dp_clips_each_update_and_averages_uniformly() -> None:
+    # noise 0 and FedAvg: the new global state is g + (1/m) sum_i clip(w_i - g), whatever the client sizes
+    clip = 0.05
+    config = _config(num_rounds=1, server=FedAvg(), client_dp=ClientLevelDP(clipping_norm=clip, noise_multiplier=0.0))
+    loop = FederatedLoop(config)
+    loop.setup(ToyClient(), ToyData())
+    g0 = {k: v.clone() for k, v in loop.global_state.items()}
+    uploads: list[dict[str, Tensor]] = []
+    loop.on_client_end = lambda r, c: uploads.append(loop.pending["updates"][c].state)
+    loop.run_round()
+    m = len(uploads)
+    assert m == 3
+    deltas = [{k: u[k] - g0[k] for k in g0} for u in uploads]
+    norms = [math.sqrt(sum(float((d**2).sum()) for d in delta.values())) for delta in deltas]
+    assert min(norms) > clip  # every update was clipped
+    expected = {k: g0[k] + sum(d[k] * (clip / n) for d, n in zip(deltas, norms)) / m for k in g0}
+    for k in g0:
+        torch.testing.assert_close(loop.global_state[k], expected[k], rtol=1e-5, atol=1e-7)
+    assert loop.history[-1]["privacy/epsilon"] == math.inf  # no noise: no guarantee, and the report says so
+
+
+@pytest.mark.parametrize("server", [FedAvg(), FedAdam(), FedPepTAOServer()], ids=lambda s: type(s).__name__)
+def test_client_dp_with_a_target_never_overspends(server: ServerOptimizer) -> None:
+    # 12 clients, 6 per round (q = 0.5), delta << 1/N
+    dp = ClientLevelDP(clipping_norm=0.1, target_epsilon=8.0, delta=1e-3)
+    loop = _run(_config(num_rounds=4, server=server, client_dp=dp), ToyData(12))
+    eps = [h["privacy/epsilon"] for h in loop.history]
+    assert len(eps) == 4 and eps == sorted(eps) and eps[0] > 0
+    assert eps[-1] <= 8.0
+    assert dp.rounds == 0  # the configured object is not spent; the run accounts on its copy
+    report = loop.report()
+    assert report["client_dp"]["epsilon"] == eps[-1] and report["stop_reason"] is None
+
+
+def test_client_dp_stops_before_the_round_that_would_overspend() -> None:
+    dp = ClientLevelDP(clipping_norm=0.1, noise_multiplier=1.0, delta=1e-3)
+    loop = FederatedLoop(_config(num_rounds=5, client_dp=dp))
+    loop.setup(ToyClient(), ToyData(12))
+    loop.run_round()
+    loop.run_round()
+    spent = loop.client_dp.epsilon()
+    loop.client_dp.target_epsilon = spent  # a budget the third round would exceed
+    assert loop.run_round() == {}
+    assert loop.round == 2 and loop.client_dp.rounds == 2
+    assert loop.stop_reason is not None and "round 3 would spend epsilon" in loop.stop_reason
+    assert loop.run_round() == {}  # stays stopped
+
+
+def test_client_dp_refuses_scaffold_whose_extras_it_cannot_cover() -> None:
+    with pytest.raises(ValueError, match=r"`client_dp` cannot protect `server: Scaffold`.*control-variate"):
+        _config(server=Scaffold(), client_dp=ClientLevelDP(clipping_norm=0.1, noise_multiplier=1.0))
+
+
+# ---------------------------------------------------------------------------------------------- resume safety
+def _state_bytes(loop: FederatedLoop) -> bytes:
+    buf = io.BytesIO()
+    torch.save(loop.state_dict(), buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "server",
+    [FedPepTAOServer(), Scaffold(), FedAdam()],
+    ids=lambda s: type(s).__name__,
+)
+def test_state_is_plain_data_and_resumes_exactly(server: ServerOptimizer) -> None:
+    dp = None if isinstance(server, Scaffold) else ClientLevelDP(clipping_norm=0.5, noise_multiplier=0.5, delta=1e-3)
+    full = _run(_config(num_rounds=3, server=server, client_dp=dp), ToyData(12))
+    part = FederatedLoop(_config(num_rounds=3, server=server, client_dp=dp))
+    part.setup(ToyClient(), ToyData(12))
+    part.run_round()
+    state = torch.load(io.BytesIO(_state_bytes(part)), weights_only=True)  # no pickled objects anywhere
+    resumed = FederatedLoop(_config(num_rounds=3, server=server, client_dp=dp))
+    resumed.restore_later(state)
+    resumed.setup(ToyClient(), ToyData(12))
+    while resumed.run_round():
+        pass
+    for k, v in full.global_state.items():
+        torch.testing.assert_close(resumed.global_state[k], v, rtol=0, atol=0)
+    if dp is not None:
+        assert resumed.client_dp.rounds == 3 and resumed.client_dp.epsilon() == full.client_dp.epsilon()
+
+
+MISMATCHES = {
+    "client count": ({}, {"num_clients": 8}, "`num_clients`: checkpoint 6, this run 8"),
+    "server class": (
+        {},
+        {"server": FedAdam()},
+        "`server`: checkpoint 'privtune.federated.fedpeptao.FedPepTAOServer', this run "
+        "'privtune.federated.fedopt.FedAdam'",
+    ),
+    "server arguments": ({"server": FedAdam(eta=0.1)}, {"server": FedAdam(eta=0.2)}, "`server_args`: checkpoint"),
+    "layer selection": ({}, {"selected_layers": [0, 1]}, "`selected_layers`: checkpoint [0, 2], this run [0, 1]"),
+    "seed": ({}, {"seed": 7}, "`seed`: checkpoint 42, this run 7"),
+    "client dp": (
+        {},
+        {"client_dp": ClientLevelDP(clipping_norm=0.1, noise_multiplier=1.0)},
+        "`client_dp`: checkpoint None, this run {'clipping_norm': 0.1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_resume_from_another_run_setting_is_refused(case: str) -> None:
+    before, after, message = MISMATCHES[case]
+    num_clients = after.pop("num_clients", 6)
+    loop = FederatedLoop(_config(**before))
+    loop.setup(ToyClient(), ToyData())
+    loop.run_round()
+    state = loop.state_dict()
+    other = FederatedLoop(_config(**{**before, **after}))
+    other.restore_later(state)
+    with pytest.raises(ResumeMismatchError, match=re.escape(message)):
+        other.setup(ToyClient(), ToyData(num_clients))
+
+
+def test_a_state_without_fingerprint_is_refused(tmp_path: Path) -> None:
+    loop = FederatedLoop(_config())
+    loop.setup(ToyClient(), ToyData())
+    state = loop.state_dict()
+    del state["fingerprint"]
+    other = FederatedLoop(_config())
+    other.restore_later(state)
+    with pytest.raises(ResumeMismatchError, match="no run fingerprint"):
+        other.setup(ToyClient(), ToyData())
