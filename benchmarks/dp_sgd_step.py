@@ -2,9 +2,10 @@
 
 One process, one model, one fixed batch of real tweets (the packaged TweetsSentiment data, encoded with the
 classifier's prompt template), the classifier's loss (cross-entropy of the label words' logits). Each round runs
-every mode for ``--warmup`` untimed steps and ``--steps`` timed steps, modes interleaved so that load from other
-processes on a shared machine falls on all of them alike; the reported ratio is the median step time of a mode
-over the median plain step, and the ratio per round shows the spread.
+every mode for ``--steps`` timed steps (after ``--warmup`` untimed ones in the first round), modes interleaved so
+that load from other processes on a shared machine falls on all of them alike; the reported ratio is the median
+step time of a mode over the median plain step, and the ratio per round shows the spread. One torch thread by
+default: on a loaded machine two threads wait on each other (a plain step took 75 s with 2 threads, 10 s with 1).
 
 Modes (all clip to ``C = 1`` and add noise ``sigma = 1``; a timed step is zero_grad + forward + backward + step):
 
@@ -127,8 +128,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode per round")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode per round")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per mode per round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode in the first round")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: on a loaded machine, 2 threads stall each other)"
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/dp_sgd_step/smollm2_lora.json"))
     parser.add_argument("--notes", default="")
@@ -136,6 +140,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     module, batch = build(args.model, args.batch_size, args.max_length)
     modes = ["plain", *[m for m in args.modes if m != "plain"]]
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -147,7 +152,7 @@ def main() -> None:
                 continue
             try:
                 step, detach = make_step(mode, module, batch)
-                for _ in range(args.warmup):
+                for _ in range(args.warmup if r == 0 else 0):
                     step()
                 t = []
                 for _ in range(args.steps):
