@@ -102,9 +102,8 @@ def test_missing_file_fails_with_path() -> None:
 
 
 def test_missing_label_column_names_the_columns(csv_file) -> None:
-    with pytest.raises(
-        ValueError, match=r"`label_column='label'` is not a column of .*reviews.csv; columns found: \['review', 'stars'\]"
-    ):
+    match = r"`label_column='label'` is not a column of .*reviews.csv; columns found: \['review', 'stars'\]"
+    with pytest.raises(ValueError, match=match):
         TextFile(str(csv_file), text_column="review")
 
 
