@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset
 
+from privtune.contracts import IndexableDataset
 from privtune.data.poisson import PoissonBatchSampler
 from privtune.data.sampler import ResumableSampler
 
@@ -94,10 +95,11 @@ def loader_batch_size(loader: DataLoader) -> int:
     Raises:
         ValueError: for an iterable-style dataset or a custom batch sampler, saying how to build the loader.
     """
-    if isinstance(loader.dataset, IterableDataset) or not hasattr(loader.dataset, "__len__"):
+    if isinstance(loader.dataset, IterableDataset) or not isinstance(loader.dataset, IndexableDataset):
         raise ValueError(
-            f"OpacusDP needs to sample examples by index, but the training loader reads a "
-            f"{type(loader.dataset).__name__} without `__len__`/`__getitem__`: {_WRAP_HINT}."
+            f"OpacusDP needs to sample examples by index (`privtune.contracts.IndexableDataset`, docs/dp_sgd.md), "
+            f"but the training loader reads a {type(loader.dataset).__name__} without `__len__`/`__getitem__`: "
+            f"{_WRAP_HINT}."
         )
     if isinstance(loader.batch_sampler, PoissonBatchSampler):
         return round(loader.batch_sampler.expected_batch_size)

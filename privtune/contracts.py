@@ -151,6 +151,18 @@ class Evaluator(Protocol):
     def evaluate(self, dataloader: Any, desc: str = "") -> Any: ...
 
 
+# ---------------------------------------------------------------------------------------------- DP-SGD
+@runtime_checkable
+class IndexableDataset(Protocol):
+    """The training dataset :class:`~privtune.callbacks.OpacusDP` Poisson-samples (docs/dp_sgd.md): a map-style
+    dataset with ``__len__`` (``N``, for ``q = B / N``) and ``__getitem__`` (examples drawn by index). An
+    ``IterableDataset`` does not qualify; the refusal says how to build or wrap the loader."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...  # noqa: ANN401 - one example, whatever the collate takes
+
+
 def protocol_members(protocol: type) -> list[str]:
     """The attribute and method names a ``Protocol`` declares (its own and its bases'), in declaration order."""
     names: list[str] = []
