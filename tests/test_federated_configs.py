@@ -45,6 +45,7 @@ def test_config_parses_and_says_how_to_run_it(path: Path) -> None:
     else:
         assert server.rsplit(".", 1)[1] == EXPECTED_SERVER[path.stem]
     assert (fed["proximal_mu"] > 0) == (path.stem == "fedprox")
+    assert (fed["client_dp"] is not None) == path.stem.endswith("client_dp")
     assert cli.config["data"]["init_args"]["num_clients"] >= 20
 
 

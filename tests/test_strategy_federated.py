@@ -186,3 +186,18 @@ def test_resume_is_refused_for_another_client_count_or_server_and_never_unpickle
     with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
         resume(num_rounds=2)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_client_level_dp_through_the_strategy_reports_epsilon_per_round(tmp_path: Path) -> None:
+    import json
+
+    from privtune.federated.client_dp import ClientLevelDP
+
+    dp = ClientLevelDP(clipping_norm=0.5, target_epsilon=8.0, delta=1e-3)
+    _, strategy = run(tmp_path, num_clients=12, client_dp=dp, report_dir=str(tmp_path / "rep"))
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    eps = [h["privacy/epsilon"] for h in report["history"]]
+    assert len(eps) == 3 and eps == sorted(eps) and eps[-1] <= 8.0
+    assert report["client_dp"]["target_epsilon"] == 8.0 and report["client_dp"]["clients_per_round"] == 6
+    assert report["client_dp"]["sample_rate"] == 0.5
+    assert "| " in (tmp_path / "rep" / "report.md").read_text()
