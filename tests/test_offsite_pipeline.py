@@ -294,6 +294,7 @@ def test_nested_trainers_follow_the_outer_precision_logger_and_device(tmp_path, 
     report = json.loads((tmp_path / "report" / "offsite_report.json").read_text())
     assert (report["meta"]["accelerator"], report["meta"]["precision"]) == ("cpu", "bf16-mixed")
     assert report["meta"]["date_utc"] and "command" in report["meta"]
+    assert set(report["meta"]["layer_importance"]) == {"1", "2"}  # stage 1's learned scores, by block index
     # each stage's test metrics land in the outer run's logger under the stage's name
     header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
     for stage in ("full_zero_shot", "full_fine_tuned", "scaleot_fine_tuned", "scaleot_plug_in"):
