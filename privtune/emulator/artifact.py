@@ -1,9 +1,11 @@
 """Artifact folders exchanged by the two parties, and the check that an emulator ships no original weight.
 
 * **Emulator artifact** (model owner -> data owner): ``emulator_plan.json``, ``config.json`` (the emulator's
-  own config, ``plan.depth`` blocks), ``emulator.pt`` (its state dict) and ``meta.json``. Saving runs
-  :func:`find_original_tensors` against the owner's model and refuses to write if any emulator tensor equals
-  an original middle-block matrix, directly or after a permutation of its rows.
+  own config, ``plan.depth`` blocks), ``emulator.pt`` (its state dict) and ``meta.json``. Saving runs the
+  leak check by closeness (:mod:`privtune.emulator.leak_check`) against the owner's model and refuses to
+  write if any emulator matrix is within a relative error of ``1e-2`` of an original middle-block matrix,
+  after the best scale and sign and after row or column matching, in its layout or transposed.
+  ``meta.json`` records, per kept matrix, its relative error and cosine to the original.
 * **Adapter artifact** (data owner -> model owner): ``adapters.pt`` (``"<original index>.<param>"``) and
   ``emulator_plan.json`` (the plan the adapters were trained with, which names the base model's fingerprint).
 
@@ -15,7 +17,6 @@ middle weights in it; the privacy gap measures how much of their function still 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +26,17 @@ import torch
 from torch import Tensor, nn
 
 from privtune.emulator.build import emulator_skeleton, model_fingerprint
-from privtune.emulator.harmonizer import LayerSwitch
+from privtune.emulator.leak_check import (
+    DEFAULT_MIN_REL_ERROR,
+    check_no_original,
+    emulator_matrices,
+    kept_matrix_closeness,
+    nearest_originals,
+    original_middle_matrices,
+)
+from privtune.emulator.leak_check import (
+    OriginalTensorError as OriginalTensorError,  # re-exported: raised by save_emulator_artifact
+)
 from privtune.emulator.plan import EmulatorPlan
 from privtune.models import get_blocks, unwrap
 
@@ -38,71 +49,58 @@ PLAN_FILE, CONFIG_FILE, STATE_FILE, META_FILE, ADAPTER_FILE = (
 )
 
 
-class OriginalTensorError(ValueError):
-    """An emulator holds a tensor of the original middle blocks."""
+def find_original_tensors(
+    emulator_state: Mapping[str, Tensor],
+    original: nn.Module,
+    plan: EmulatorPlan,
+    min_rel_error: float = DEFAULT_MIN_REL_ERROR,
+) -> list[str]:
+    """Names of emulator tensors within ``min_rel_error`` of an original middle-block matrix.
 
-
-def _canonical(tensor: Tensor) -> bytes:
-    """Bytes of ``tensor`` with its rows in a canonical order (so a row permutation hashes the same)."""
-    t = tensor.detach().float().cpu().reshape(tensor.shape[0], -1)
-    probe = torch.linspace(1.0, 2.0, t.shape[1], dtype=torch.float64)
-    key = t.double() @ probe  # one number per row; ties between different rows are practically impossible
-    order = torch.argsort(key, stable=True)
-    return hashlib.sha256(t[order].contiguous().numpy().tobytes()).digest()
-
-
-def _is_constant(tensor: Tensor) -> bool:
-    return bool((tensor == tensor.reshape(-1)[0]).all())
-
-
-def find_original_tensors(emulator_state: Mapping[str, Tensor], original: nn.Module, plan: EmulatorPlan) -> list[str]:
-    """Names of emulator tensors equal to an original middle-block matrix, or to a row permutation of one.
-
-    Every 2-D+ tensor of the emulator (wherever it sits) is compared with every 2-D+ tensor of the original
-    middle blocks ``[l, L - r)``. Constant tensors (all entries equal, e.g. a zero-initialised matrix) carry no
-    information and are skipped.
+    Closeness, not bytes (:mod:`privtune.emulator.leak_check`): every 2-D+ tensor of the emulator (and the
+    product of each factored pair) is compared with every 2-D+ tensor of the original middle blocks
+    ``[l, L - r)`` of the same or the transposed shape, after the best scale and sign and after row or column
+    matching. Constant tensors carry no information and are skipped.
     """
-    # Stage-1 models hold LayerSwitch wrappers: compare with the original blocks only, not their harmonizers.
-    blocks = [b.block if isinstance(b, LayerSwitch) else b for b in get_blocks(unwrap(original))]
-    originals: set[tuple[tuple[int, ...], bytes]] = set()
-    for idx in plan.split.middle_indices:
-        for tensor in blocks[idx].state_dict().values():
-            if tensor.dim() >= 2 and not _is_constant(tensor):
-                originals.add((tuple(tensor.shape), _canonical(tensor)))
-    shapes = {s for s, _ in originals}
-    hits = []
-    for name, tensor in emulator_state.items():
-        if tensor.dim() < 2 or tuple(tensor.shape) not in shapes or _is_constant(tensor):
-            continue
-        if (tuple(tensor.shape), _canonical(tensor)) in originals:
-            hits.append(name)
-    return hits
+    near = nearest_originals(emulator_matrices(emulator_state), original_middle_matrices(original, plan))
+    return [name for name, c in near.items() if c.rel_error < min_rel_error]
 
 
-def save_emulator_artifact(folder: str | Path, emulator: nn.Module, plan: EmulatorPlan, original: nn.Module) -> Path:
-    """Write the emulator artifact after checking it holds no original middle matrix.
+def save_emulator_artifact(
+    folder: str | Path,
+    emulator: nn.Module,
+    plan: EmulatorPlan,
+    original: nn.Module,
+    min_rel_error: float = DEFAULT_MIN_REL_ERROR,
+) -> Path:
+    """Write the emulator artifact after the leak check; ``meta.json`` records how close each kept matrix is.
+
+    Nothing is written unless every emulator matrix is at least ``min_rel_error`` (relative Frobenius error,
+    best alignment) away from every original middle matrix. ``meta.json`` then holds, under ``closeness``, per
+    kept matrix its relative error and cosine to the original it came from, and the smallest error the check
+    found (see :func:`artifact_summary`).
 
     Raises:
-        OriginalTensorError: if :func:`find_original_tensors` finds any (nothing is written).
+        OriginalTensorError: naming the emulator tensor, the original it matches and the error (nothing written).
         ValueError: if ``original`` is not the model the plan was built from.
     """
     hf = unwrap(emulator)
     if plan.base_fingerprint and plan.base_fingerprint != model_fingerprint(original):
         raise ValueError("`original` is not the model this emulator was built from (fingerprints differ).")
     state = {k: v.detach().cpu() for k, v in hf.state_dict().items()}
-    hits = find_original_tensors(state, original, plan)
-    if hits:
-        raise OriginalTensorError(
-            f"The emulator holds {len(hits)} original middle-block tensor(s), e.g. {hits[:3]}; refusing to export. "
-            "HINT: distil the emulator, or compress every kept block (ScaleOT `beta` < 1 and `beta_mlp` < 1, "
-            "or GradOT budgets < 1)."
-        )
+    near = check_no_original(state, original, plan, min_rel_error)
+    nearest = min(near.values(), key=lambda c: c.rel_error, default=None)
+    closeness = {
+        "min_rel_error": min_rel_error,
+        "nearest": None if nearest is None else nearest.to_dict(),
+        "kept_matrices": kept_matrix_closeness(hf, original, plan),
+    }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf.config.save_pretrained(folder)
     torch.save(state, folder / STATE_FILE)
     (folder / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
-    meta = {"architecture": type(hf).__name__, "kind": "emulator"}
+    meta = {"architecture": type(hf).__name__, "kind": "emulator", "closeness": closeness}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
     return folder
 
@@ -172,6 +170,26 @@ def load_adapter_artifact(folder: str | Path) -> tuple[dict[str, Tensor], Emulat
 
 
 def artifact_summary(folder: str | Path) -> dict[str, Any]:
-    """Small description of an artifact (kind, method, layer map) for logs."""
+    """Small description of an artifact for logs and reports.
+
+    Kind, method, layer map and, for an emulator artifact, ``closeness``: per kept matrix its relative error
+    and cosine to the original it came from (``kept_matrices``), their range, and the nearest original any
+    emulator matrix came to in the leak check (``nearest``), so the owner sees how much is shared.
+    """
+    folder = Path(folder)
     plan = read_plan(folder)
-    return {"folder": str(folder), "method": plan.method, "layer_map": plan.layer_map, "kinds": plan.kinds}
+    out: dict[str, Any] = {"folder": str(folder), "method": plan.method, "layer_map": plan.layer_map}
+    out["kinds"] = plan.kinds
+    meta_path = folder / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    closeness = meta.get("closeness")
+    if closeness is not None:
+        kept = closeness.get("kept_matrices", {})
+        errors = [m["rel_error"] for m in kept.values()]
+        cosines = [m["cosine"] for m in kept.values()]
+        out["closeness"] = {
+            **closeness,
+            "kept_rel_error_range": [min(errors), max(errors)] if errors else None,
+            "kept_cosine_range": [min(cosines), max(cosines)] if cosines else None,
+        }
+    return out

@@ -21,8 +21,8 @@ import transformers
 from torch import nn
 
 from privtune.emulator.harmonizer import Harmonizer, LayerSwitch
-from privtune.emulator.layer_stack import block_linears, get_submodule, set_submodule
-from privtune.emulator.low_rank import LowRankLinear, rank_compress_modules
+from privtune.emulator.layer_stack import BlockLinears, block_linears, get_submodule, linear_weight, set_submodule
+from privtune.emulator.low_rank import LowRankLinear, full_rank_message, rank_compress_modules
 from privtune.emulator.plan import EmulatorPlan
 from privtune.models import get_blocks, get_input_embeddings, set_blocks, unwrap
 
@@ -112,13 +112,23 @@ def compress_kept_blocks(emulator: nn.Module, plan: EmulatorPlan, beta: float = 
             emulator artifact requires (see :mod:`privtune.emulator.artifact`).
 
     Raises:
-        ValueError: if ``beta`` or ``beta_mlp`` is outside ``(0, 1]``.
+        ValueError: if ``beta`` or ``beta_mlp`` is outside ``(0, 1]``, or is below 1 but rounds to full rank for
+            a matrix (a no-op that would ship the original), before any module changes.
     """
     for name, value in (("beta", beta), ("beta_mlp", beta_mlp)):
         if not 0.0 < value <= 1.0:
             raise ValueError(f"`{name}={value}` (kept rank fraction) must be in (0, 1].")
     linears = block_linears(emulator)
     blocks = get_blocks(emulator)
+    kept = [pos for pos, kind in enumerate(plan.kinds) if kind == "block"]
+    if kept:
+        problems = [
+            msg
+            for option, value, shapes in _kept_shapes(blocks[kept[0]], linears, beta, beta_mlp)
+            if value < 1.0 and (msg := full_rank_message(option, value, shapes))
+        ]
+        if problems:
+            raise ValueError("compress_kept_blocks: " + "; ".join(problems) + ".")
     for pos, kind in enumerate(plan.kinds):
         if kind != "block":
             continue
@@ -127,6 +137,43 @@ def compress_kept_blocks(emulator: nn.Module, plan: EmulatorPlan, beta: float = 
                 for path in rank_compress_modules(blocks[pos], paths, ratio):
                     _record(plan, f"{pos}.{path}", get_submodule(blocks[pos], path))
     plan.info |= {"beta": beta, "beta_mlp": beta_mlp}
+
+
+def _kept_shapes(
+    block: nn.Module, linears: BlockLinears, beta: float, beta_mlp: float
+) -> list[tuple[str, float, dict[str, tuple[int, int]]]]:
+    """``[(option, value, {path: shape})]`` for the attention (``beta``) and MLP (``beta_mlp``) linears of a block."""
+    block = _original_block(block)
+    groups = (("beta", beta, linears.attention), ("beta_mlp", beta_mlp, (*linears.mlp_in, linears.mlp_out)))
+    out = []
+    for option, value, paths in groups:
+        shapes = {}
+        for path in paths:
+            weight, _ = linear_weight(get_submodule(block, path))
+            shapes[path] = (int(weight.shape[0]), int(weight.shape[1]))
+        out.append((option, value, shapes))
+    return out
+
+
+def compression_problems(model: nn.Module, beta: float, beta_mlp: float) -> list[str]:
+    """What a SRC setting ``(beta, beta_mlp)`` would ship of ``model``'s kept blocks, in plain words (empty: none).
+
+    ``1.0`` leaves the matrices as they are; a value below 1 whose rounded rank is the full rank
+    (:func:`~privtune.emulator.low_rank.rank_from_ratio`, e.g. ``beta=0.99`` on a 32-wide model, or
+    ``beta >= 0.9975`` on SmolLM2's 192-row k/v projections) does too. For a setup check before training.
+    """
+    hf = unwrap(model)
+    linears = block_linears(hf)
+    problems = []
+    for option, value, shapes in _kept_shapes(get_blocks(hf)[0], linears, beta, beta_mlp):
+        if value >= 1.0:
+            problems.append(
+                f"`{option}={value}` leaves the kept blocks' {', '.join(shapes)} matrices uncompressed, i.e. ships "
+                f"the originals; allowed: {option} < 1"
+            )
+        elif msg := full_rank_message(option, value, shapes):
+            problems.append(msg)
+    return problems
 
 
 def emulator_skeleton(config: transformers.PretrainedConfig, plan: EmulatorPlan, architecture: str) -> nn.Module:

@@ -12,7 +12,7 @@ matrix, else a dense ``nn.Linear`` holding the rank-``r`` product. Biases are ke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,35 @@ def rank_from_ratio(beta: float, shape: Sequence[int]) -> int:
     if not 0.0 < beta <= 1.0:
         raise ValueError(f"`beta={beta}` (kept rank fraction) must be in (0, 1].")
     return max(1, round(beta * min(shape)))
+
+
+def full_rank_matrices(shapes: Mapping[str, Sequence[int]], beta: float) -> dict[str, int]:
+    """``{name: rank}`` of the matrices that ``beta`` leaves at full rank (``rank_from_ratio >= min(shape)``).
+
+    A truncated SVD at full rank is the original matrix (to float32 rounding): a compression setting that
+    gives it ships the matrix it was meant to hide. ``beta = 1`` keeps every matrix.
+    """
+    ranks = {name: rank_from_ratio(beta, shape) for name, shape in shapes.items()}
+    return {name: rank for name, rank in ranks.items() if rank >= min(shapes[name])}
+
+
+def full_rank_message(option: str, beta: float, shapes: Mapping[str, Sequence[int]]) -> str | None:
+    """One sentence naming what ``option=beta`` keeps at full rank and the values allowed, or ``None``.
+
+    The bound: ``round(β · d) <= d - 1`` for every matrix, i.e. ``β < (d - 0.5) / d`` for the smallest
+    ``d = min(shape)``.
+    """
+    full = full_rank_matrices(shapes, beta)
+    if not full:
+        return None
+    name = next(iter(full))
+    shape = tuple(shapes[name])
+    smallest = min(min(s) for s in shapes.values())
+    return (
+        f"`{option}={beta}` keeps full rank {full[name]} of `{name}` {shape[0]}x{shape[1]}"
+        f"{f' (and {len(full) - 1} more)' if len(full) > 1 else ''}, i.e. ships the original matrix; "
+        f"allowed: {option} < {(smallest - 0.5) / smallest:.4f} for this model (rank below min(shape))"
+    )
 
 
 def truncated_svd(weight: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
