@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from privtune.eval.offsite_report import run_provenance
 
 
 def _child(mode: str, model_name: str, emulator_dir: str | None, steps: int, batch: int, length: int) -> dict:
@@ -71,6 +75,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--child", choices=["emulator", "full"])
+    parser.add_argument("--out", default=None, help="JSON result file (command, commit, date, load recorded)")
+    parser.add_argument("--note", default="", help="e.g. 'measured on a shared machine'")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args.model, args.emulator_dir, args.steps, args.batch, args.length)))
@@ -88,6 +94,10 @@ def main() -> None:
         "params_ratio": rows["emulator"]["params"] / rows["full"]["params"],
     }
     print(json.dumps(ratio))
+    if args.out:
+        result = run_provenance() | {"args": vars(args), "rows": rows, **ratio, "loadavg": os.getloadavg()}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result | {"note": args.note}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
