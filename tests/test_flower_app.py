@@ -249,3 +249,22 @@ def test_run_simulation_equals_the_in_process_loop(tmp_path: Path) -> None:
     assert report["selected_layers"] == reference.selected
     assert report["ledger"]["up_bytes"] == reference.ledger.summary()["up_bytes"] > 0
     assert report["ledger"]["down_bytes"] == reference.ledger.summary()["down_bytes"]
+
+
+def test_without_flwr_the_import_names_the_extra(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'flwr':\n"
+        "            raise ImportError('flwr is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import privtune.flower\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "pip install 'privtune[flower]'" in out.stderr
