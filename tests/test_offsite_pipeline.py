@@ -424,3 +424,34 @@ def test_pipeline_refusals(tmp_path, synthetic_csv, tiny_trainer) -> None:
     tiny_trainer(max_steps=1, callbacks=[_replace()]).fit(stage1, datamodule=FixedLM())
     with pytest.raises(ValueError, match="distill_steps=2"):
         generate_scaleot_emulator(ScaleOTStage1.from_module(stage1), EmulatorKnobs(2, distill_steps=2), "unused")
+
+
+def test_ablation_rows_are_the_default_config_with_only_the_arm_changed(tmp_path) -> None:
+    import importlib.util
+    import sys
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("offsite_ablation", REPO / "benchmarks" / "offsite_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    sys.modules["offsite_ablation"] = ablation
+    spec.loader.exec_module(ablation)
+    base = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+
+    def pipeline(config: dict) -> dict:
+        return ablation._callback(config, "OffsitePipeline")["init_args"]
+
+    row = ablation.row_config(base, "a_d", "tweets", 2, tmp_path)
+    assert (row["seed_everything"], pipeline(row)["seed"], row["data"]["init_args"]["seed"]) == (2, 2, 2)
+    assert (pipeline(row)["task"], row["data"]["init_args"]["source"]) == ("tweets", "bbc_news")
+    assert pipeline(row)["uniform_drop_layers"] == 13 and row["model"] == base["model"]
+    assert pipeline(row)["output_dir"] == str(tmp_path / "tweets" / "a_d_seed2")
+    identity = ablation.row_config(base, "c", "bbc_news", 0, tmp_path)
+    assert identity["model"]["init_args"]["lr"] == 1e-12
+    assert ablation._callback(identity, "LayerReplace")["init_args"]["warm_start_batches"] == 0
+    kd = ablation.row_config(base, "akd300", "bbc_news", 0, tmp_path)
+    assert kd["trainer"]["max_steps"] == 300 and kd["model"]["init_args"]["emulator_layers"] == 13
+    assert not any(cb["class_path"].endswith("LayerReplace") for cb in kd["trainer"]["callbacks"])
+    assert base == yaml.safe_load((REPO / "configs" / "default.yaml").read_text())  # the base is not mutated
+    with pytest.raises(ValueError, match="unknown arm 'b'"):
+        ablation.row_config(base, "b", "tweets", 0, tmp_path)
