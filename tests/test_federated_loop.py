@@ -15,6 +15,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privtune.federated import (
+    ClientState,
+    ClientUpdate,
+    CommunicatedView,
     FedAdam,
     FedAvg,
     FederatedClient,
@@ -25,8 +28,11 @@ from privtune.federated import (
     ResumeMismatchError,
     Scaffold,
     ServerOptimizer,
+    client_seed,
+    local_round,
 )
 from privtune.federated.client_dp import ClientLevelDP
+from privtune.federated.loop import straggler_max_steps
 
 P, L, H = 2, 3, 4
 
@@ -261,3 +267,54 @@ def test_a_state_without_fingerprint_is_refused(tmp_path: Path) -> None:
     other.restore_later(state)
     with pytest.raises(ResumeMismatchError, match="no run fingerprint"):
         other.setup(ToyClient(), ToyData())
+
+
+@pytest.mark.parametrize("server", [FedPepTAOServer(), Scaffold()], ids=lambda s: type(s).__name__)
+def test_server_and_clients_apart_equal_the_in_process_loop(server: ServerOptimizer) -> None:
+    # what a Flower app does: the server holds no model or data, each client keeps its own state
+    def config() -> FederatedConfig:
+        dp = (
+            None if isinstance(server, Scaffold) else ClientLevelDP(clipping_norm=0.5, noise_multiplier=0.3, delta=1e-3)
+        )
+        return _config(server=server, dropout_fraction=0.34, straggler_fraction=0.5, proximal_mu=0.1, client_dp=dp)
+
+    data = ToyData(12)
+    full = _run(config(), data)
+    client, view = ToyClient(), CommunicatedView("prefix", [0, 2])
+    initial = view.personal(client.client_parameters())
+    apart = FederatedLoop(config())
+    apart.setup_server(12, view.upload(client.client_parameters()), prompt_name="prefix", selected=[0, 2])
+    states: dict[int, ClientState] = {}
+    stragglers = 0
+    for r in range(1, 4):
+        plan = apart.plan(r)
+        c = apart.server_control_variate()
+        updates = []
+        for cid in plan.reporting:
+            seed = client_seed(apart.config.seed, r, cid)
+            loader = data.client_train_loader(cid, seed)
+            cap = straggler_max_steps(apart.config, len(loader)) if cid in plan.stragglers else None
+            stragglers += cap is not None
+            state = states.get(cid, ClientState(prompt=initial.clone()))
+            res = local_round(
+                client,
+                view,
+                apart.global_state,
+                state,
+                loader,
+                apart.local,
+                seed=seed,
+                proximal_mu=apart.config.proximal_mu,
+                control_variate=c,
+                eta_l=getattr(apart.server, "eta_l", None),
+                max_steps=cap,
+            )
+            states[cid] = res.state
+            updates.append(
+                ClientUpdate(cid, res.upload, data.client_num_examples(cid), res.num_steps, extras=res.extras)
+            )
+        apart.aggregate(r, plan, updates)
+    assert apart.round == 3 and stragglers > 0
+    for k, v in full.global_state.items():
+        torch.testing.assert_close(apart.global_state[k], v, rtol=0, atol=0)
+    assert apart.ledger.summary()["total_bytes"] == full.ledger.summary()["total_bytes"]

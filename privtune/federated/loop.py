@@ -34,7 +34,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,6 +221,14 @@ def local_round(
     return LocalResult(upload=upload, num_steps=steps, state=new_state, extras=extras)
 
 
+def straggler_max_steps(config: FederatedConfig, num_batches: int) -> int:
+    """The local steps a straggler completes: ``straggler_steps_fraction`` of its full round (at least 1)."""
+    full = num_batches * config.local_epochs
+    if config.local_max_steps:
+        full = min(full, config.local_max_steps)
+    return max(1, math.floor(config.straggler_steps_fraction * full))
+
+
 # ---------------------------------------------------------------------------------------------- the run
 class FederatedLoop:
     """Runs federated rounds over a :class:`FederatedClient` and :class:`ClientData`.
@@ -312,6 +320,43 @@ class FederatedLoop:
         self.store = ClientStore(initial_prompt=self.view.personal(params))
         self.global_state = self.view.upload(params)
 
+    def setup_server(
+        self,
+        num_clients: int,
+        global_state: Mapping[str, Tensor],
+        *,
+        prompt_name: str | None = None,
+        selected: Sequence[int] = (),
+    ) -> None:
+        """Server-side set-up without a client model or data (a Flower ``ServerApp``): bind the server optimizer,
+        plan client-level DP, hold the initial global state. Then :meth:`plan` and :meth:`aggregate` run the server's
+        part of each round; the clients run :func:`local_round` (with :func:`straggler_max_steps` for stragglers).
+
+        Args:
+            num_clients: ``N``.
+            global_state: the initial communicated tensors (what :meth:`CommunicatedView.upload` gives on a client).
+            prompt_name: the layered prompt tensor of a partial-prompt client, if any.
+            selected: its communicated layers.
+        """
+        cfg = self.config
+        self.num_clients = int(num_clients)
+        names = [prompt_name] if prompt_name is not None else list(global_state)
+        self.server = copy.deepcopy(cfg.server)
+        lr = cfg.resolved_client_lr(self.server)
+        self.server.bind(num_clients=self.num_clients, prompt_names=names, client_lr=lr)
+        self.local = cfg.local_config(self.server)
+        self.client_dp = self._plan_client_dp()
+        self.selected = list(selected)
+        self.view = CommunicatedView(prompt_name, list(selected))
+        self.global_state = {k: v.detach().clone() for k, v in global_state.items()}
+        if self._restored is not None:
+            restored, self._restored = self._restored, None
+            self.load_state_dict(restored)
+
+    def server_control_variate(self) -> State | None:
+        """SCAFFOLD's global ``c`` to send to this round's clients (``None`` for other servers)."""
+        return self.server.control_variate(self.global_state) if isinstance(self.server, Scaffold) else None
+
     def _plan_client_dp(self) -> ClientLevelDP | None:
         """This run's copy of ``config.client_dp``, planned for the run's rounds, cohort and client count."""
         cfg = self.config
@@ -393,12 +438,7 @@ class FederatedLoop:
         start = time.perf_counter()
         seed = client_seed(cfg.seed, self.round + 1, client_id)
         loader = data.client_train_loader(client_id, seed)
-        max_steps = None
-        if client_id in plan.stragglers:
-            full = len(loader) * cfg.local_epochs  # type: ignore[arg-type]
-            if cfg.local_max_steps:
-                full = min(full, cfg.local_max_steps)
-            max_steps = max(1, math.floor(cfg.straggler_steps_fraction * full))
+        max_steps = straggler_max_steps(cfg, len(loader)) if client_id in plan.stragglers else None  # type: ignore[arg-type]
         scaffold = isinstance(self.server, Scaffold)
         result = local_round(
             client,
@@ -409,7 +449,7 @@ class FederatedLoop:
             local,
             seed=seed,
             proximal_mu=cfg.proximal_mu,
-            control_variate=self.server.control_variate(self.global_state) if scaffold else None,
+            control_variate=self.server_control_variate(),
             eta_l=self.server.eta_l if scaffold else None,
             max_steps=max_steps,
         )
@@ -424,7 +464,8 @@ class FederatedLoop:
         return update, result.state
 
     def aggregate(self, round_idx: int, plan: RoundPlan, updates: list[ClientUpdate]) -> dict[str, float]:
-        """The server's part of round ``round_idx``: server step and accounting; returns the round's metrics.
+        """The server's part of round ``round_idx``: client-level DP, server step and accounting; the round counts
+        as done. Returns the round's metrics.
 
         Args:
             round_idx: the 1-based round.
@@ -466,6 +507,7 @@ class FederatedLoop:
         }
         metrics.update(getattr(self.server, "diagnostics", {}))
         metrics.update(dp_metrics)
+        self.round = round_idx
         return metrics
 
     def run_round(self, rank: int = 0, world_size: int = 1, gather: Gather = _single) -> dict[str, float]:
@@ -603,14 +645,15 @@ class FederatedLoop:
             ResumeMismatchError: if the state comes from another run setting.
         """
         self.check_resume(state)
-        self.store = ClientStore(initial_prompt=state["store"]["initial_prompt"])
+        self.store = None if state["store"] is None else ClientStore(initial_prompt=state["store"]["initial_prompt"])
         self.round = int(state["round"])
         self.selected = list(state["selected"])
         self.layer_scores = list(state["layer_scores"])
         self.ratio = state["ratio"]
         self.global_state = dict(state["global_state"])
         self.server.load_state_dict(state["server"])
-        self.store.load_state_dict(state["store"])
+        if self.store is not None:
+            self.store.load_state_dict(state["store"])
         self.ledger.load_state_dict(state["ledger"])
         self.history = list(state["history"])
         self.pending = _pending_from_plain(state["pending"])
