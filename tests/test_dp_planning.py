@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -43,6 +45,23 @@ def test_plan_refuses_bad_values() -> None:
         plan_steps(5, max_epochs=1, max_steps=-1, steps=0)
     with pytest.raises(ValueError, match="`accumulate_grad_batches=0`"):
         plan_steps(5, max_epochs=1, max_steps=-1, accumulate_grad_batches=0)
+
+
+def test_dp_core_imports_without_lightning(tmp_path) -> None:
+    """Planning, the budget and the Poisson sampler work in a plain PyTorch project."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('lightning', 'pytorch_lightning', 'lightning_fabric'):\n"
+        "            raise ImportError('lightning is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import privtune.dp, privtune.data.poisson\n"
+        "print(privtune.dp.plan_steps(5, max_epochs=2, max_steps=-1))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "10"
 
 
 opacus = pytest.importorskip("opacus")
