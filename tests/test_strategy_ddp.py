@@ -14,10 +14,10 @@ import torch
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "fed_ddp.py"
 
 
-def _run(out: Path, mode: str) -> dict:
+def _run(out: Path, mode: str, *extra: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PL_DISABLE_FORK": "1"}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), mode], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(SCRIPT), str(out), mode, *extra], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out / f"result_{mode}.pt", weights_only=True)
@@ -36,6 +36,17 @@ def test_one_process_and_two_ddp_ranks_give_the_same_prompts(tmp_path: Path) -> 
         torch.testing.assert_close(ddp["clients"][cid], prompt, rtol=1e-6, atol=1e-7)
     accs = [h.get("fed/personalized_acc") for h in single["history"]]
     assert [h.get("fed/personalized_acc") for h in ddp["history"]] == pytest.approx(accs)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_client_level_dp_noise_is_the_same_on_every_rank(tmp_path: Path) -> None:
+    ddp = _run(tmp_path / "ddp", "ddp", "FedAvg", "dp")
+    single = _run(tmp_path / "single", "single", "FedAvg", "dp")
+    assert ddp["world_size"] == 2
+    eps = [h["privacy/epsilon"] for h in single["history"]]
+    assert [h["privacy/epsilon"] for h in ddp["history"]] == eps and 0 < eps[0] < eps[-1]
+    torch.testing.assert_close(ddp["prompt"]["prefix"], single["prompt"]["prefix"], rtol=1e-6, atol=1e-7)
 
 
 def _cli(out: Path, *extra: str) -> dict:

@@ -1,6 +1,8 @@
 """Run the tiny federated job across 2 gloo DDP ranks (or in one process) and save the final prompt.
 
-Usage: python tests/ddp_scripts/fed_ddp.py OUT_DIR {ddp,single} [server class name in privtune.federated]
+Usage: python tests/ddp_scripts/fed_ddp.py OUT_DIR {ddp,single} [server class name in privtune.federated] [dp]
+
+With ``dp``, the run adds client-level DP (every rank must draw the same noise).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def main() -> None:
     server = getattr(privtune.federated, sys.argv[3] if len(sys.argv) > 3 else "FedPepTAOServer")()
     out.mkdir(parents=True, exist_ok=True)
     fed = {"layers": "fedpeptao", "num_selected_layers": 2, "num_rounds": 3, "server": server}
+    if len(sys.argv) > 4 and sys.argv[4] == "dp":
+        fed["client_dp"] = privtune.federated.ClientLevelDP(clipping_norm=0.05, noise_multiplier=0.5, delta=1e-3)
     if mode == "ddp":
         trainer, strategy = run(out, ddp=True, devices=2, **fed)
     else:
