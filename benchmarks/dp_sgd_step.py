@@ -13,6 +13,9 @@ Modes (all clip to ``C = 1`` and add noise ``sigma = 1``; a timed step is zero_g
 * ``hooks``: what ``OpacusDP`` does: Opacus' ``GradSampleHooks`` (per-sample gradients from layer hooks) and
   ``DPOptimizer``.
 * ``functorch``: the same with ``force_functorch=True`` (per-sample gradients from ``torch.func.vmap``).
+* ``fit_plain`` / ``fit_dp``: the same step inside ``Trainer.fit`` of the ``TextClassifier`` on the tweets
+  datamodule, without and with the ``OpacusDP`` callback (``noise_multiplier=1``): the callback as users run it,
+  Poisson batches of mean size ``--batch-size`` included (``fit_dp`` is compared with ``fit_plain``).
 * ``ghost``: Opacus' ghost clipping (Li et al., arXiv 2110.05679; Bu et al., arXiv 2205.10683):
   ``GradSampleHooksFastGradientClipping`` + ``DPOptimizerFastGradientClipping`` + ``DPLossFastGradientClipping``
   (per-sample norms without per-sample gradients, then a second backward pass). It needs the per-sample loss, so
@@ -29,6 +32,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import shlex
 import statistics
 import subprocess
 import sys
@@ -42,7 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("plain", "hooks", "functorch", "ghost")
+MODES = ("plain", "hooks", "functorch", "ghost", "fit_plain", "fit_dp")
 
 
 def _git_commit() -> str:
@@ -54,13 +58,13 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def build(model: str, batch_size: int, max_length: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The LoRA classifier and one batch of encoded tweets."""
+def build(model: str, batch_size: int, max_length: int) -> tuple[nn.Module, dict[str, torch.Tensor], object]:
+    """The LoRA classifier, one batch of encoded tweets and the datamodule."""
     from privtune.datamodules import TweetsSentiment
     from privtune.modules import TextClassifier
 
     data = TweetsSentiment(
-        train_size=max(batch_size, 24),
+        train_size=max(batch_size * 8, 64),
         val_size=8,
         test_size=8,
         max_length=max_length,
@@ -72,7 +76,32 @@ def build(model: str, batch_size: int, max_length: int) -> tuple[nn.Module, dict
     module = TextClassifier(model=model, tuning="lora", lr=1e-3)
     module.label_token_ids = data.label_token_ids
     module.train()
-    return module, batch
+    return module, batch, data
+
+
+def fit_times(module: nn.Module, data: object, dp: bool, steps: int) -> list[float]:
+    """Seconds per training step of ``Trainer.fit`` (the first, warm-up step dropped), with or without OpacusDP."""
+    import lightning.pytorch as pl
+
+    from privtune.callbacks.dp_sgd import OpacusDP
+
+    times: list[float] = []
+
+    class StepTimer(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            times.append(time.perf_counter() - self.start)
+
+    callbacks = [StepTimer(), *([OpacusDP(noise_multiplier=1.0, max_grad_norm=1.0)] if dp else [])]
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps + 1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    return times[1:]
 
 
 def make_step(mode: str, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Callable[[], None], Callable]:
@@ -122,6 +151,10 @@ def make_step(mode: str, module: nn.Module, batch: dict[str, torch.Tensor]) -> t
     return step, hooks.remove_hooks
 
 
+class _Done(Exception):  # noqa: N818 - control flow: a fit mode measured its steps itself
+    pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -141,7 +174,7 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    module, batch = build(args.model, args.batch_size, args.max_length)
+    module, batch, data = build(args.model, args.batch_size, args.max_length)
     modes = ["plain", *[m for m in args.modes if m != "plain"]]
     times: dict[str, list[float]] = {m: [] for m in modes}
     per_round: dict[str, list[float]] = {m: [] for m in modes}
@@ -151,6 +184,9 @@ def main() -> None:
             if mode in errors:
                 continue
             try:
+                if mode.startswith("fit_"):
+                    t = fit_times(module, data, mode == "fit_dp", args.steps)
+                    raise _Done
                 step, detach = make_step(mode, module, batch)
                 for _ in range(args.warmup if r == 0 else 0):
                     step()
@@ -160,6 +196,8 @@ def main() -> None:
                     step()
                     t.append(time.perf_counter() - start)
                 detach()
+            except _Done:
+                pass
             except Exception as err:  # noqa: BLE001 - a mode Opacus cannot run on this model is reported, not hidden
                 errors[mode] = f"{type(err).__name__}: {err}"[:500]
                 continue
@@ -172,7 +210,7 @@ def main() -> None:
             print(f"round {r} {mode:9s} median {statistics.median(t):.3f}s", flush=True)
     plain = statistics.median(times["plain"])
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join(["python", *sys.argv]),
         "git_commit": _git_commit(),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": args.model,
@@ -184,17 +222,28 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "device": "cpu",
         "median_step_s": {m: statistics.median(t) for m, t in times.items() if t},
-        "ratio_to_plain": {m: statistics.median(t) / plain for m, t in times.items() if t},
+        "ratio_to_plain": {m: statistics.median(t) / plain for m, t in times.items() if t and not m.startswith("fit")},
         "ratio_to_plain_per_round": {
-            m: [v / p for v, p in zip(rs, per_round["plain"], strict=False)] for m, rs in per_round.items()
+            m: [v / p for v, p in zip(rs, per_round["plain"], strict=False)]
+            for m, rs in per_round.items()
+            if not m.startswith("fit")
         },
+        "fit_dp_over_fit_plain": (
+            statistics.median(times["fit_dp"]) / statistics.median(times["fit_plain"])
+            if times.get("fit_dp") and times.get("fit_plain")
+            else None
+        ),
+        "fit_dp_over_fit_plain_per_round": [
+            d / p for d, p in zip(per_round.get("fit_dp", []), per_round.get("fit_plain", []), strict=False)
+        ],
         "errors": errors,
         "notes": args.notes,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("median_step_s", "ratio_to_plain", "errors")}, indent=1))
+    keys = ("median_step_s", "ratio_to_plain", "fit_dp_over_fit_plain", "errors")
+    print(json.dumps({k: result[k] for k in keys}, indent=1))
 
 
 if __name__ == "__main__":
