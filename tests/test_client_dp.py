@@ -31,21 +31,25 @@ def _states(m: int, seed: int, scale: float = 1.0) -> tuple[dict[str, torch.Tens
     return glob, clients
 
 
+def _replies(clients: list[dict[str, torch.Tensor]]) -> list[Message]:
+    """The clients' uploads as the SuperLink hands them to a ServerApp (node -> server, round 1, equal weights)."""
+    replies = []
+    for node, state in enumerate(clients):
+        meta = Metadata(1, f"m{node}", node + 1, 0, "i0", "1", 0.0, 3600.0, "train")
+        content = RecordDict(
+            {"arrays": ArrayRecord.from_torch_state_dict(state), "metrics": MetricRecord({"num-examples": 10})}
+        )
+        replies.append(Message(content, metadata=meta))
+    return replies
+
+
 def _flower_round(
     glob: dict[str, torch.Tensor], clients: list[dict[str, torch.Tensor]], z: float, c: float
 ) -> dict[str, torch.Tensor]:
     """Flower 1.42's Message-API DP wrapper around FedAvg (equal example counts: a uniform mean)."""
     strategy = DifferentialPrivacyServerSideFixedClipping(FlowerFedAvg(), z, c, len(clients))
     strategy.current_arrays = ArrayRecord.from_torch_state_dict(glob)
-    replies = []
-    for node, state in enumerate(clients):
-        # a reply as the SuperLink hands it to the ServerApp (node -> server, round 1)
-        meta = Metadata(1, f"m{node}", node + 1, 0, "i0", "1", 0.0, 3600.0, "train")
-        content = RecordDict(
-            {"arrays": ArrayRecord.from_torch_state_dict(state), "metrics": MetricRecord({"num-examples": 10})}
-        )
-        replies.append(Message(content, metadata=meta))
-    arrays, _ = strategy.aggregate_train(1, replies)
+    arrays, _ = strategy.aggregate_train(1, _replies(clients))
     assert arrays is not None
     return {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
 
@@ -248,3 +252,20 @@ def test_built_from_a_yaml_config_by_class_path() -> None:
     dp = parser.instantiate(cfg).client_dp
     assert isinstance(dp, ClientLevelDP)
     assert (dp.target_epsilon, dp.clipping_norm, dp.delta, dp.adaptive) == (3.0, 0.5, 1e-4, True)
+
+
+def test_adaptive_clipping_follows_the_paper_where_flower_moves_the_other_way() -> None:
+    """Every update is clipped: Andrew et al. raise C; Flower 1.42's wrapper counts clipped updates and lowers it."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
+
+    glob, clients = _states(4, seed=2, scale=10.0)
+    start = 0.01
+    assert all(update_norm({k: s[k] - glob[k] for k in glob}) > start for s in clients)
+    dp = ClientLevelDP(noise_multiplier=0.0, clipping_norm=start, adaptive=True, delta=1e-3)
+    dp.plan(num_rounds=1, sample_rate=0.1, clients_per_round=4)
+    dp.private_mean(glob, clients, torch.Generator().manual_seed(0))
+    assert dp.clipping_norm == pytest.approx(start * math.exp(0.2 * 0.5))  # b = 0 < gamma = 0.5: C grows
+    flower = DifferentialPrivacyServerSideAdaptiveClipping(FlowerFedAvg(), 0.0, 4, initial_clipping_norm=start)
+    flower.current_arrays = ArrayRecord.from_torch_state_dict(glob)
+    flower.aggregate_train(1, _replies(clients))
+    assert flower.clipping_norm == pytest.approx(start * math.exp(-0.2 * 0.5))  # Flower: C shrinks further
