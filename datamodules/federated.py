@@ -6,8 +6,9 @@ skew as in FedPepTAO, arXiv 2310.15080, or Dirichlet size skew) and its evaluati
 priors and size proportions, for personalised evaluation). Partitions derive from the seed only and are saved as
 JSON with the run.
 
-The Lightning ``train_dataloader`` yields one item per federated round (the Strategy runs the clients); the
-Strategy asks for each client's data with :meth:`client_train_loader` and :meth:`client_eval_loader`.
+The Lightning ``train_dataloader`` yields one item per federated round (the Strategy runs the clients). The module
+implements the round loop's :class:`privtune.federated.ClientData` Protocol: ``num_clients``,
+:meth:`client_train_loader`, :meth:`client_eval_loader` and :meth:`client_num_examples`.
 
 Threat model: simulation only; each client's loader reads only its own shard.
 """
