@@ -16,7 +16,7 @@ killed run resumes to the same result. Threat model: model-owner side only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from privtune.contracts import ContractError, model_at
 from privtune.emulator import (
     LayerImportance,
     SandwichSplit,
@@ -37,6 +38,24 @@ from privtune.emulator import (
 )
 from privtune.emulator.harmonizer import LayerSwitch
 from privtune.models import get_blocks, unwrap
+
+DOCS = "docs/offsite_tuning.md, 'ScaleOT stage 1'"
+LM_BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def check_lm_batch(batch: Any, what: str) -> None:
+    """Refuse a batch the causal-LM loss cannot read: a mapping with ``input_ids``, ``attention_mask``, ``labels``.
+
+    Raises:
+        ContractError: naming the missing keys, before the step runs.
+    """
+    missing = [k for k in LM_BATCH_KEYS if not isinstance(batch, Mapping) or k not in batch]
+    if missing:
+        kind = f"keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
+        raise ContractError(
+            f"LayerReplace: {what} ({kind}) lacks {missing}; ScaleOT stage 1 scores layers with the causal-LM loss "
+            f"and needs dict batches with {list(LM_BATCH_KEYS)} (e.g. privtune.datamodules.LMCorpus; {DOCS})."
+        )
 
 
 class LayerReplace(pl.Callback):
@@ -60,10 +79,16 @@ class LayerReplace(pl.Callback):
         warm_start_steps: Adam steps per warm-start batch.
         warm_start_lr: Adam learning rate of the warm start.
 
+    Contract (:class:`privtune.contracts.HarmonizerStage1Module`): a model with a block list at ``model_attr``,
+    an ``harmonizers`` ``nn.ModuleDict``; dict LM batches with ``input_ids``, ``attention_mask``, ``labels``
+    (checked on the first batch, before its step); with ``warm_start_batches``, a datamodule.
+
     Raises:
         ValueError: for ``num_candidates < 2``, ``group_size < 1``, ``rl_lr <= 0``, ``val_alpha`` outside
             ``[0, 1)``, ``harmonizer_rank < 1`` or a bad warm-start setting; in ``setup``, for candidates outside
             the middle.
+        privtune.contracts.ContractError: in ``setup``, for a wrong ``model_attr``, a module without
+            ``harmonizers`` or a warm start without a datamodule; before a step, for a batch without LM keys.
     """
 
     def __init__(
@@ -132,11 +157,29 @@ class LayerReplace(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.switches:
             return
-        model = getattr(pl_module, self.model_attr)
+        model = model_at(pl_module, self.model_attr, "LayerReplace", DOCS)
         harmonizers = getattr(pl_module, "harmonizers", None)
         if not isinstance(harmonizers, nn.ModuleDict):
-            raise TypeError(f"{type(pl_module).__name__} needs an `harmonizers` nn.ModuleDict for LayerReplace.")
-        split = SandwichSplit(len(get_blocks(unwrap(model))), self.adapter_bottom, self.adapter_top)
+            raise ContractError(
+                f"LayerReplace: {type(pl_module).__name__} has no `harmonizers` nn.ModuleDict (HarmonizerStage1Module "
+                "in privtune.contracts): the callback puts one harmonizer per candidate block there so the module's "
+                f"optimizer trains them. HINT: use HarmonizerImportance or add `self.harmonizers = nn.ModuleDict()` "
+                f"({DOCS})."
+            )
+        try:
+            depth = len(get_blocks(unwrap(model)))
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ContractError(
+                f"LayerReplace: the model at `model_attr={self.model_attr!r}` ({type(model).__name__}) has no block "
+                f"list privtune can find ({err}); it needs a Hugging Face decoder (BlockModel, {DOCS})."
+            ) from err
+        if self.warm_start_batches and not callable(getattr(trainer.datamodule, "train_dataloader", None)):
+            raise ContractError(
+                f"LayerReplace: `warm_start_batches={self.warm_start_batches}` reads training batches from "
+                "`trainer.datamodule.train_dataloader()`, but the fit has no datamodule. HINT: pass a datamodule to "
+                f"`trainer.fit(..., datamodule=...)` or set `warm_start_batches: 0` ({DOCS})."
+            )
+        split = SandwichSplit(depth, self.adapter_bottom, self.adapter_top)
         layers = self.layers if self.layers is not None else split.middle_indices
         bad = [i for i in layers if i not in split.middle_indices]
         if bad:
@@ -179,6 +222,7 @@ class LayerReplace(pl.Callback):
     # ------------------------------------------------------------------ per step
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        check_lm_batch(batch, "a training batch")
         set_replace_mask(self.switches, self.importance.sample())
 
     @override
@@ -203,6 +247,7 @@ class LayerReplace(pl.Callback):
         if self._held_out is None:
             self._held_out = self._stream(datamodule)
         out = next(self._held_out)
+        check_lm_batch(out, "a held-out batch of `datamodule.val_dataloader()`")
         self.rl_batches += 1
         return {k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in out.items()}
 

@@ -21,6 +21,7 @@ and the original middle blocks never leave the model owner.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +32,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from privtune.contracts import (
+    AdapterSource,
+    ContractError,
+    EmulatorModule,
+    HarmonizerStage1Module,
+    missing_members,
+    model_at,
+)
 from privtune.emulator import (
     build_scaleot_emulator,
     check_base_model,
@@ -41,6 +50,28 @@ from privtune.emulator import (
     save_adapter_artifact,
     save_emulator_artifact,
 )
+from privtune.emulator.artifact import artifact_summary
+from privtune.emulator.build import compression_problems
+from privtune.emulator.leak_check import DEFAULT_MIN_REL_ERROR
+from privtune.models import num_blocks
+
+DOCS = "docs/offsite_tuning.md"
+
+
+def scaleot_export_problems(depth: int, adapter_layers: int) -> list[str]:
+    """What is wrong with ScaleOT's ``N_a`` for a ``depth``-block model, in plain words (empty: nothing)."""
+    if depth - adapter_layers < 1:
+        return [
+            f"`adapter_layers={adapter_layers}` leaves no middle block to emulate in this {depth}-block model; "
+            f"allowed: adapter_layers <= {depth - 1}"
+        ]
+    return []
+
+
+def kept_middle_blocks(depth: int, adapter_layers: int, alpha: float) -> int:
+    """How many middle blocks a ScaleOT emulator keeps (and compresses): ``|C| - ⌈α·|C|⌉``."""
+    middle = depth - adapter_layers
+    return middle - math.ceil(alpha * middle - 1e-9)  # the count least_important replaces
 
 
 class EmulatorExport(pl.Callback):
@@ -62,10 +93,23 @@ class EmulatorExport(pl.Callback):
         distill_norm: normalisation of its KD term: ``global`` (Offsite-Tuning), ``per_dim`` (each hidden dimension
             by its own scale) or their sum, ``global+per_dim``; see
             :func:`~privtune.emulator.distill.normalized_kd_loss`.
+        model_attr: attribute of a ScaleOT stage-1 module that holds the original model.
+        min_rel_error: the leak check's threshold: no emulator matrix may come within this relative Frobenius
+            error of an original middle matrix, after the best scale and sign and row or column matching
+            (:mod:`privtune.emulator.leak_check`; default ``1e-2``, which ScaleOT's ``β = 0.8`` / ``0.9`` passes).
+
+    Contract: a ScaleOT stage-1 module (:class:`privtune.contracts.HarmonizerStage1Module`: the model at
+    ``model_attr``, ``model_name``, ``harmonizers`` filled by ``LayerReplace``, ``layer_importance``) or an
+    emulator-building module (:class:`privtune.contracts.EmulatorModule`); with ``distill_steps``, a datamodule.
 
     Raises:
-        ValueError: for knobs outside their ranges (at construction), or, in ``setup``, for an export that would
-            ship original middle matrices: a ScaleOT export with ``beta_mlp=1``, or an undistilled uniform drop.
+        ValueError: for knobs outside their ranges (at construction); in ``setup``, before any training step, for an
+            export that would ship original middle matrices (``beta`` or ``beta_mlp`` at 1 or rounding to full rank
+            on this model, an undistilled uniform drop), ``adapter_layers`` leaving no middle block, or a split
+            that disagrees with the candidate layers ``LayerReplace`` trains harmonizers for.
+        privtune.contracts.ContractError: in ``setup``, when the module or the trainer lacks what the export reads.
+        privtune.emulator.OriginalTensorError: at fit end, if the leak check finds an original matrix (nothing is
+            written).
     """
 
     def __init__(
@@ -78,8 +122,12 @@ class EmulatorExport(pl.Callback):
         distill_steps: int = 0,
         distill_lr: float = 1e-4,
         distill_norm: Literal["global", "per_dim", "global+per_dim"] = "global",
+        model_attr: str = "model",
+        min_rel_error: float = DEFAULT_MIN_REL_ERROR,
     ) -> None:
         problems = []
+        if not 0.0 < min_rel_error < 1.0:
+            problems.append(f"`min_rel_error={min_rel_error}` must be in (0, 1)")
         if distill_steps < 0:
             problems.append(f"`distill_steps={distill_steps}` must be >= 0")
         if distill_lr <= 0:
@@ -98,6 +146,9 @@ class EmulatorExport(pl.Callback):
         self.output_dir = output_dir
         self.adapter_layers, self.alpha, self.beta, self.beta_mlp = adapter_layers, alpha, beta, beta_mlp
         self.distill_steps, self.distill_lr, self.distill_norm = distill_steps, distill_lr, distill_norm
+        self.model_attr, self.min_rel_error = model_attr, min_rel_error
+        self.summary: dict[str, Any] = {}
+        self._split_checked = False
         self.distill_kd: tuple[float, float] | None = None
         self.emulator: Any = None
         self.plan: Any = None
@@ -105,16 +156,76 @@ class EmulatorExport(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if getattr(pl_module, "method", None) == "uniform_drop" and trainer.max_steps == 0:
-            raise ValueError(
-                "EmulatorExport: an undistilled uniform-drop emulator (`trainer.max_steps=0`) ships original middle "
-                "blocks and cannot be exported. HINT: distil it (`max_steps` > 0) or use `method: gradot`."
+        if stage != "fit":
+            return
+        if self.distill_steps and not callable(getattr(trainer.datamodule, "train_dataloader", None)):
+            raise ContractError(
+                f"EmulatorExport: `distill_steps={self.distill_steps}` distils on "
+                "`trainer.datamodule.train_dataloader()`, but the fit has no datamodule. HINT: pass one to "
+                f"`trainer.fit(..., datamodule=...)` or set `distill_steps: 0` ({DOCS})."
             )
-        if hasattr(pl_module, "harmonizers") and self.beta_mlp == 1.0:
-            raise ValueError(
-                f"EmulatorExport: `beta_mlp=1.0` with `alpha={self.alpha}` ships the kept layers' original MLP "
-                "matrices, which an emulator artifact may not hold. HINT: set `beta_mlp` below 1 (e.g. 0.9)."
+        if not missing_members(pl_module, EmulatorModule):
+            if getattr(pl_module, "method", None) == "uniform_drop" and trainer.max_steps == 0:
+                raise ValueError(
+                    "EmulatorExport: an undistilled uniform-drop emulator (`trainer.max_steps=0`) ships original "
+                    "middle blocks and cannot be exported. HINT: distil it (`max_steps` > 0) or use `method: gradot`."
+                )
+            return
+        missing = missing_members(pl_module, HarmonizerStage1Module)
+        if missing:
+            raise ContractError(
+                f"EmulatorExport: {type(pl_module).__name__} is neither a ScaleOT stage-1 module (missing "
+                f"{missing}: HarmonizerStage1Module) nor an emulator-building module (`emulator`, `plan`, `original`: "
+                f"EmulatorModule, privtune.contracts). HINT: use HarmonizerImportance with LayerReplace, or "
+                f"EmulatorDistillation ({DOCS})."
             )
+        if not isinstance(pl_module.model_name, str) or not pl_module.model_name:
+            raise ContractError(
+                f"EmulatorExport: {type(pl_module).__name__}.model_name={pl_module.model_name!r} must name the base "
+                f"model (it is recorded in the emulator plan for the data owner's checks; {DOCS})."
+            )
+        model = model_at(pl_module, self.model_attr, "EmulatorExport", DOCS)
+        try:
+            depth = num_blocks(model)
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ContractError(
+                f"EmulatorExport: the model at `model_attr={self.model_attr!r}` has no block list ({err}; {DOCS})."
+            ) from err
+        problems = scaleot_export_problems(depth, self.adapter_layers)
+        if not problems and kept_middle_blocks(depth, self.adapter_layers, self.alpha):
+            problems = compression_problems(model, self.beta, self.beta_mlp)
+        if problems:
+            raise ValueError(f"EmulatorExport: {'; '.join(problems)} ({DOCS}).")
+        self._check_split(pl_module, depth, at_fit_start=False)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._split_checked and missing_members(pl_module, EmulatorModule):
+            self._check_split(pl_module, num_blocks(getattr(pl_module, self.model_attr)), at_fit_start=True)
+
+    def _check_split(self, pl_module: pl.LightningModule, depth: int, at_fit_start: bool) -> None:
+        """The export's middle must be exactly the layers ``LayerReplace`` trains harmonizers (and scores) for."""
+        harmonizers = pl_module.harmonizers
+        if not len(harmonizers):
+            if not at_fit_start:
+                return  # LayerReplace is listed after this callback: its setup has not run yet; checked at fit start
+            raise ContractError(
+                f"EmulatorExport: {type(pl_module).__name__}.harmonizers is empty at fit start: nothing trains the "
+                "harmonizers the ScaleOT emulator needs. HINT: add the LayerReplace callback "
+                f"(privtune.callbacks.LayerReplace; {DOCS})."
+            )
+        candidates = sorted(int(k) for k in harmonizers)
+        bottom = self.adapter_layers // 2
+        middle = list(range(bottom, depth - (self.adapter_layers - bottom)))
+        if candidates != middle:
+            raise ValueError(
+                f"EmulatorExport: `adapter_layers={self.adapter_layers}` makes blocks {middle} the middle of this "
+                f"{depth}-block model, but LayerReplace trains harmonizers and scores for blocks {candidates}; "
+                f"the two splits must agree. HINT: set LayerReplace `adapter_bottom={bottom}`, `adapter_top="
+                f"{self.adapter_layers - bottom}` (or `adapter_layers={depth - len(candidates)}` if its candidates "
+                f"are the middle) ({DOCS})."
+            )
+        self._split_checked = True
 
     def build(self, pl_module: pl.LightningModule) -> tuple[Any, Any, Any]:
         """``(emulator, plan, original model)`` from a distillation or a ScaleOT stage-1 module."""
@@ -123,8 +234,9 @@ class EmulatorExport(pl.Callback):
         harmonizers = getattr(pl_module, "harmonizers", None)
         if harmonizers is None:
             raise TypeError(f"{type(pl_module).__name__} has neither `emulator`/`plan` nor ScaleOT `harmonizers`.")
+        model = getattr(pl_module, self.model_attr)
         emulator, plan = build_scaleot_emulator(
-            pl_module.model,
+            model,
             pl_module.layer_importance.cpu(),
             harmonizers,
             self.adapter_layers,
@@ -134,7 +246,7 @@ class EmulatorExport(pl.Callback):
             next(iter(harmonizers.values())).down.out_features,
         )
         plan.base_model = pl_module.model_name
-        return emulator, plan, pl_module.model
+        return emulator, plan, model
 
     def distill(self, loader: Iterable[dict[str, Any]], emulator: Any, plan: Any, original: Any) -> None:
         """Distil the built emulator on ``loader``'s LM batches (``distill_steps`` > 0 only)."""
@@ -158,10 +270,16 @@ class EmulatorExport(pl.Callback):
         emulator, plan, original = self.build(pl_module)
         self.distill(trainer.datamodule.train_dataloader(), emulator, plan, original)
         if trainer.is_global_zero:
-            save_emulator_artifact(self.output_dir, emulator.cpu(), plan, original.cpu())
+            save_emulator_artifact(self.output_dir, emulator.cpu(), plan, original.cpu(), self.min_rel_error)
+            self.summary = artifact_summary(self.output_dir)
         self.emulator, self.plan = emulator, plan
         self.seconds = time.perf_counter() - start
-        rank_zero_info(f"EmulatorExport: {plan.method} emulator {plan.kinds} written to {self.output_dir}.")
+        closeness = self.summary.get("closeness") or {}
+        shared = ""
+        if closeness.get("kept_rel_error_range"):
+            lo, hi = closeness["kept_rel_error_range"]
+            shared = f" Kept matrices at relative error {lo:.3f}-{hi:.3f} from their originals (meta.json)."
+        rank_zero_info(f"EmulatorExport: {plan.method} emulator {plan.kinds} written to {self.output_dir}.{shared}")
 
 
 class AdapterExport(pl.Callback):
@@ -175,9 +293,16 @@ class AdapterExport(pl.Callback):
         self.output_dir = output_dir
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        missing = missing_members(pl_module, AdapterSource)
+        if stage == "fit" and missing:
+            raise ContractError(
+                f"AdapterExport: {type(pl_module).__name__} has no {missing} (AdapterSource in privtune.contracts): "
+                f"the export writes `adapter_state()` with the emulator `plan`. HINT: use OffsiteFinetune ({DOCS})."
+            )
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not hasattr(pl_module, "adapter_state"):
-            raise TypeError(f"{type(pl_module).__name__} has no `adapter_state()`; use OffsiteFinetune.")
         if trainer.is_global_zero:
             save_adapter_artifact(self.output_dir, pl_module.adapter_state(), pl_module.plan)
         rank_zero_info(
@@ -195,6 +320,7 @@ class PlugAdapters(pl.Callback):
     Raises:
         ValueError: at construction if ``adapter_dir`` is not an adapter artifact; in ``setup``, if the model is
             not the base model the adapters were trained for (before any weight changes).
+        privtune.contracts.ContractError: in ``setup``, if ``model_attr`` names no model.
     """
 
     def __init__(self, adapter_dir: str, model_attr: str = "model") -> None:
@@ -209,7 +335,7 @@ class PlugAdapters(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.plugged:
             return
-        model = getattr(pl_module, self.model_attr)
+        model = model_at(pl_module, self.model_attr, "PlugAdapters", DOCS)
         check_base_model(self.plan, model, what=f"adapter artifact {self.adapter_dir}")
         adapters, plan = load_adapter_artifact(self.adapter_dir)
         plug_adapters(model, adapters, plan)
@@ -218,4 +344,3 @@ class PlugAdapters(pl.Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"adapter_dir": self.adapter_dir, "plugged": self.plugged}
-

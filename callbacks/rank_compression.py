@@ -16,10 +16,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from typing_extensions import override
 
+from privtune.contracts import model_at
 from privtune.emulator.layer_stack import linear_weight
-from privtune.emulator.low_rank import compress_linear, rank_from_ratio
+from privtune.emulator.low_rank import compress_linear, full_rank_message, rank_from_ratio
+
+DOCS = "docs/offsite_tuning.md, 'RankCompression'"
 
 
 class RankCompression(pl.Callback):
@@ -33,10 +37,14 @@ class RankCompression(pl.Callback):
         model_attr: attribute of the LightningModule that holds the model.
         stages: setup stages that compress (``fit``, ``validate``, ``test``, ``predict``).
 
+    Contract (:class:`privtune.contracts.BlockModel`): the LightningModule holds the model at ``model_attr``.
+
     Raises:
         ValueError: if neither or both of ``beta`` / ``rank`` are given, ``beta`` is outside ``(0, 1]``,
-            ``rank < 1``; in ``setup``, if no module matches or ``rank`` exceeds a matrix's rank bound (all
-            checked before any module changes).
+            ``rank < 1``; in ``setup``, if no module matches, a match is not a linear layer (e.g. an
+            ``nn.Embedding``), or the rank (given, or rounded from ``beta``) is not below a matrix's rank bound
+            (all checked before any module changes).
+        privtune.contracts.ContractError: in ``setup``, if ``model_attr`` names no model.
     """
 
     def __init__(
@@ -66,30 +74,47 @@ class RankCompression(pl.Callback):
         return self._generate_state_key(modules=self.modules, beta=self.beta, rank=self.rank)
 
     def targets(self, root: Any) -> dict[str, int]:
-        """``{module name: rank}`` for every matching linear of ``root`` (validated, nothing changed)."""
+        """``{module name: rank}`` for every module matching ``modules`` (validated, nothing changed).
+
+        Raises:
+            ValueError: if a match is not a linear layer (``nn.Linear`` or GPT-2 ``Conv1D``: an ``nn.Embedding``,
+                a block, ...), if the rank is not below a matrix's rank bound (the truncation would keep the
+                original), or if nothing matches.
+        """
         found: dict[str, int] = {}
+        shapes: dict[str, tuple[int, int]] = {}
         for name, module in root.named_modules():
             if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.modules):
                 continue
-            try:
-                weight, _ = linear_weight(module)
-            except TypeError:
-                continue
-            bound = min(weight.shape)
-            if self.rank is not None and self.rank > bound:
+            if not isinstance(module, nn.Linear) and type(module).__name__ != "Conv1D":
                 raise ValueError(
-                    f"`rank={self.rank}` is above the rank bound {bound} of `{name}` {tuple(weight.shape)}."
+                    f"RankCompression: `modules={self.modules}` matches `{name}` ({type(module).__name__}), which "
+                    "is not a linear layer (nn.Linear or GPT-2 Conv1D); only linears can be rank-compressed. HINT: "
+                    f"narrow the pattern to linears only, e.g. 'model.layers.*.self_attn.[qkvo]_proj' ({DOCS})."
+                )
+            weight, _ = linear_weight(module)
+            shapes[name] = (int(weight.shape[0]), int(weight.shape[1]))
+            bound = min(weight.shape)
+            if self.rank is not None and self.rank >= bound:
+                raise ValueError(
+                    f"RankCompression: `rank={self.rank}` is not below the rank bound {bound} of `{name}` "
+                    f"{tuple(weight.shape)}: the truncation would keep the matrix whole. Allowed: rank <= {bound - 1}."
                 )
             found[name] = self.rank if self.rank is not None else rank_from_ratio(self.beta, weight.shape)
         if not found:
-            raise ValueError(f"`modules={self.modules}` matches no linear layer of `{self.model_attr}`.")
+            raise ValueError(
+                f"RankCompression: `modules={self.modules}` matches no linear layer of `{self.model_attr}`; names look "
+                f"like 'model.layers.0.self_attn.q_proj' ({DOCS})."
+            )
+        if self.beta is not None and (message := full_rank_message("beta", self.beta, shapes)):
+            raise ValueError(f"RankCompression: {message}.")
         return found
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage not in self.stages or self.compressed:
             return
-        root = getattr(pl_module, self.model_attr)
+        root = model_at(pl_module, self.model_attr, "RankCompression", DOCS)
         plan = self.targets(root)
         for name, rank in plan.items():
             parent_name, _, child = name.rpartition(".")

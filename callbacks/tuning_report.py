@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
+
+from privtune.contracts import EVALUATE_KEYS, ContractError
 
 
 class TuningReport(pl.Callback):
@@ -26,8 +30,13 @@ class TuningReport(pl.Callback):
             ``default_root_dir``).
         title: first line of the table.
 
+    Contract (:class:`privtune.contracts.Evaluator`): the module's ``evaluate(dataloader, desc=...)`` returns
+    ``acc``, ``f1`` and ``n``; the datamodule has ``<split>_dataloader()``.
+
     Raises:
         ValueError: for a split other than ``test`` or ``val``.
+        privtune.contracts.ContractError: in ``setup``, without ``evaluate()`` or the split's loader; at fit
+            start, before any training step, when the zero-shot result lacks a key.
     """
 
     def __init__(self, split: Literal["test", "val"] = "test", output_dir: str | None = None, title: str = "") -> None:
@@ -43,17 +52,39 @@ class TuningReport(pl.Callback):
     def state_key(self) -> str:
         return self._generate_state_key(split=self.split)
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not callable(getattr(pl_module, "evaluate", None)):
+            raise ContractError(
+                f"TuningReport: {type(pl_module).__name__} has no `evaluate(dataloader, desc)` method (Evaluator in "
+                f"privtune.contracts) returning {list(EVALUATE_KEYS)}. HINT: use privtune.modules.TextClassifier or "
+                "add that method (README, 'Callbacks')."
+            )
+        datamodule = trainer.datamodule
+        if datamodule is None or not is_overridden(f"{self.split}_dataloader", datamodule):
+            raise ContractError(
+                f"TuningReport: `split={self.split!r}` evaluates on `trainer.datamodule.{self.split}_dataloader()`, "
+                f"but {'the fit has no datamodule' if datamodule is None else 'its datamodule has none'}. "
+                "HINT: pass a datamodule with that loader to `trainer.fit(..., datamodule=...)` or change `split`."
+            )
+
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
-        evaluate = getattr(pl_module, "evaluate", None)
-        if not callable(evaluate):
-            raise TypeError(f"{type(pl_module).__name__} has no `evaluate(dataloader, desc)` method for TuningReport.")
         loader = getattr(trainer.datamodule, f"{self.split}_dataloader")()
-        self.rows[name] = evaluate(loader, desc=f"{name} ({self.split})")
+        row = pl_module.evaluate(loader, desc=f"{name} ({self.split})")
+        missing = [k for k in EVALUATE_KEYS if not isinstance(row, Mapping) or k not in row]
+        if missing:
+            raise ContractError(
+                f"TuningReport: {type(pl_module).__name__}.evaluate() returned {type(row).__name__} without {missing}; "
+                f"the report needs {list(EVALUATE_KEYS)} (Evaluator in privtune.contracts)."
+            )
+        self.rows[name] = dict(row)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "zero-shot" not in self.rows:  # a resumed run keeps the zero-shot row of its first start
-            self._evaluate(trainer, pl_module, "zero-shot")
+            self._evaluate(trainer, pl_module, "zero-shot")  # checks the keys before any training step
         self._fit_start = time.perf_counter()
 
     @override

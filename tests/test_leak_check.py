@@ -45,17 +45,17 @@ def _col_perm(w: Tensor) -> Tensor:
 
 
 VARIANTS: dict[str, Callable[[Tensor], Tensor]] = {
-    "exact copy": lambda w: w.clone(),
-    "row permutation": _row_perm,
-    "column permutation": _col_perm,
-    "x(1+1e-6)": lambda w: w * (1 + 1e-6),
-    "bf16 round trip": lambda w: w.to(torch.bfloat16).float(),
-    "1e-9 noise": lambda w: w + 1e-9 * torch.randn(w.shape, generator=_gen(3)),
+    "exact_copy": lambda w: w.clone(),
+    "row_permutation": _row_perm,
+    "column_permutation": _col_perm,
+    "scaled_1e-6": lambda w: w * (1 + 1e-6),
+    "bf16_round_trip": lambda w: w.to(torch.bfloat16).float(),
+    "noise_1e-9": lambda w: w + 1e-9 * torch.randn(w.shape, generator=_gen(3)),
     "negation": lambda w: -w,
-    "2W": lambda w: 2 * w,
+    "doubled": lambda w: 2 * w,
     "transpose": lambda w: w.T.contiguous(),
-    "row permutation, negated, 1e-3 noise": lambda w: -_row_perm(w) + 1e-3 * w.std() * torch.randn(w.shape),
-    "transposed column permutation": lambda w: _col_perm(w).T.contiguous(),
+    "row_permuted_negated_noise_1e-3": lambda w: -_row_perm(w) + 1e-3 * w.std() * torch.randn(w.shape),
+    "transposed_column_permutation": lambda w: _col_perm(w).T.contiguous(),
 }
 
 
