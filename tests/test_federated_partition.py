@@ -112,5 +112,13 @@ def test_report_summary_table_and_plots(tmp_path) -> None:
     assert summarize(a, target=0.9)["rounds_to_target"] is None
     table = write_comparison(tmp_path, [a, run("b", [0.1, 0.2, 0.3], 20)], target=0.65, title="t")
     assert "| a | 1 | 0.6000 | 0.7000 | 2 | 60 |" in table
-    assert "not reached" in table
+    assert "not reached" in table and "epsilon" not in table
     assert (tmp_path / "comparison.json").exists()
+    private = run("dp", [0.3, 0.4, 0.5], 10)
+    for h, eps in zip(private["history"], [1.0, 1.5, 2.0]):
+        h["privacy/epsilon"] = eps
+    assert summarize(private)["epsilon"] == 2.0
+    table = write_comparison(tmp_path, [a, private], target=0.65, title="t")
+    assert "client-level epsilon |" in table
+    assert "| dp | 1 | 0.5000 | 0.5000 | not reached | 60 | 1.0 | 2.0000 |" in table
+    assert "| a | 1 | 0.6000 | 0.7000 | 2 | 60 | 1.0 | n/a |" in table

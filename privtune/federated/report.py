@@ -41,19 +41,26 @@ def summarize(run: dict[str, Any], target: float | None = None) -> dict[str, Any
 
 
 def markdown_table(summaries: Sequence[dict[str, Any]], target: float | None = None) -> str:
-    """One Markdown table row per run."""
+    """One Markdown table row per run; an epsilon column when a run used client-level DP."""
+    with_eps = any(s.get("epsilon") is not None for s in summaries)
     head = (
         "| method | layers | final acc | best acc | rounds to "
         + (f"{target:.2f}" if target is not None else "target")
-        + " | bytes up+down | sim. time (s) |\n|---|---|---|---|---|---|---|\n"
+        + " | bytes up+down | sim. time (s) |"
+        + (" client-level epsilon |" if with_eps else "")
+        + "\n|---|---|---|---|---|---|---|"
+        + ("---|" if with_eps else "")
+        + "\n"
     )
     rows = []
     for s in summaries:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        eps = s.get("epsilon")
         rows.append(
             f"| {s['label']} | {s['num_selected_layers']} | {fmt(s['final_acc'])} | {fmt(s['best_acc'])} | "
             f"{s['rounds_to_target'] if s['rounds_to_target'] is not None else 'not reached'} | "
             f"{s['total_bytes']:,} | {s['round_seconds_total']:.1f} |"
+            + ((" inf |" if eps == float("inf") else f" {fmt(eps)} |") if with_eps else "")
         )
     return head + "\n".join(rows) + "\n"
 
