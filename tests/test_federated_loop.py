@@ -318,3 +318,32 @@ def test_server_and_clients_apart_equal_the_in_process_loop(server: ServerOptimi
     for k, v in full.global_state.items():
         torch.testing.assert_close(apart.global_state[k], v, rtol=0, atol=0)
     assert apart.ledger.summary()["total_bytes"] == full.ledger.summary()["total_bytes"]
+
+
+def test_bad_server_settings_are_refused_before_any_round() -> None:
+    from privtune.federated import FedPepTAOOptions
+
+    with pytest.raises(ValueError, match=r"`server` must be a privtune.federated.ServerOptimizer.*got 'fedadam'"):
+        FederatedConfig(server="fedadam")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"give `preset` \('clean'\) or `options`, not both"):
+        FedPepTAOServer(preset="clean", options=FedPepTAOOptions())
+    with pytest.raises(ValueError, match=r"`proximal_mu` \(FedProx\) must be >= 0; got -0.1"):
+        FederatedConfig(proximal_mu=-0.1)
+    for server, name in ((FedPepTAOServer(num_clients=5), "FedPepTAOServer"), (Scaffold(num_clients=5), "Scaffold")):
+        with pytest.raises(ValueError, match=rf"{name} was built with `num_clients=5` but the data has 6 clients"):
+            FederatedLoop(_config(server=server)).setup(ToyClient(), ToyData(6))
+
+
+def test_server_recommendations_reach_the_clients() -> None:
+    clean = FederatedLoop(_config(server=FedPepTAOServer(preset="clean")))
+    clean.setup(ToyClient(), ToyData())
+    assert clean.local is not None and clean.local.reset_optimizer is True  # FedPepTAO's clean preset
+    explicit = FederatedLoop(_config(server=FedPepTAOServer(preset="clean"), reset_local_optimizer=False))
+    explicit.setup(ToyClient(), ToyData())
+    assert explicit.local is not None and explicit.local.reset_optimizer is False  # the config wins
+    adam = FederatedLoop(_config(server=FedAdam(eta_l=0.02), client_lr=None))
+    adam.setup(ToyClient(), ToyData())
+    assert adam.local is not None and adam.local.lr == 0.02  # FedOpt's recommended client lr
+    scaffold = FederatedLoop(_config(server=Scaffold(), client_lr=0.03))
+    scaffold.setup(ToyClient(), ToyData())
+    assert scaffold.server.eta_l == 0.03  # option II uses the clients' learning rate unless given
