@@ -50,7 +50,7 @@ from privtune.emulator import (
     save_adapter_artifact,
     save_emulator_artifact,
 )
-from privtune.emulator.artifact import artifact_summary
+from privtune.emulator.artifact import artifact_summary, leak_check_path
 from privtune.emulator.build import compression_problems
 from privtune.emulator.leak_check import DEFAULT_MIN_REL_ERROR
 from privtune.models import num_blocks
@@ -278,7 +278,8 @@ class EmulatorExport(pl.Callback):
         shared = ""
         if closeness.get("kept_rel_error_range"):
             lo, hi = closeness["kept_rel_error_range"]
-            shared = f" Kept matrices at relative error {lo:.3f}-{hi:.3f} from their originals (meta.json)."
+            record = leak_check_path(self.output_dir)
+            shared = f" Kept matrices at relative error {lo:.3f}-{hi:.3f} from their originals ({record})."
         rank_zero_info(f"EmulatorExport: {plan.method} emulator {plan.kinds} written to {self.output_dir}.{shared}")
 
 

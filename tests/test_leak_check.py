@@ -20,7 +20,7 @@ from privtune.emulator import (
     save_emulator_artifact,
     uniform_drop_plan,
 )
-from privtune.emulator.artifact import artifact_summary
+from privtune.emulator.artifact import artifact_summary, leak_check_path
 from privtune.emulator.leak_check import (
     DEFAULT_MIN_REL_ERROR,
     check_no_original,
@@ -134,7 +134,11 @@ def test_default_scaleot_export_passes_and_summary_records_closeness(tmp_path) -
     lo, hi = summary["closeness"]["kept_rel_error_range"]
     assert lo == min(r["rel_error"] for r in kept.values()) and hi >= lo
     assert summary["closeness"]["nearest"]["rel_error"] <= lo + 1e-6
-    assert json.loads((folder / "meta.json").read_text())["closeness"]["min_rel_error"] == DEFAULT_MIN_REL_ERROR
+    # The record stays with the owner: beside the shipped folder, not inside it.
+    assert leak_check_path(folder) == tmp_path / "emu.leak_check.json"
+    assert json.loads(leak_check_path(folder).read_text())["min_rel_error"] == DEFAULT_MIN_REL_ERROR
+    assert "closeness" not in json.loads((folder / "meta.json").read_text())
+    assert all("leak_check" not in p.name for p in folder.iterdir())
 
 
 def test_kept_matrix_closeness_of_an_uncompressed_block_is_zero() -> None:

@@ -5,7 +5,9 @@
   leak check by closeness (:mod:`privtune.emulator.leak_check`) against the owner's model and refuses to
   write if any emulator matrix is within a relative error of ``1e-2`` of an original middle-block matrix,
   after the best scale and sign and after row or column matching, in its layout or transposed.
-  ``meta.json`` records, per kept matrix, its relative error and cosine to the original.
+  The model owner's record of the check (per kept matrix its relative error and cosine to the original) goes to
+  ``<folder>.leak_check.json`` beside the folder, not into it: the data owner receives the folder, and the
+  errors would tell it the norms of the original matrices.
 * **Adapter artifact** (data owner -> model owner): ``adapters.pt`` (``"<original index>.<param>"``) and
   ``emulator_plan.json`` (the plan the adapters were trained with, which names the base model's fingerprint).
 
@@ -73,12 +75,12 @@ def save_emulator_artifact(
     original: nn.Module,
     min_rel_error: float = DEFAULT_MIN_REL_ERROR,
 ) -> Path:
-    """Write the emulator artifact after the leak check; ``meta.json`` records how close each kept matrix is.
+    """Write the emulator artifact after the leak check; record beside it how close each kept matrix is.
 
     Nothing is written unless every emulator matrix is at least ``min_rel_error`` (relative Frobenius error,
-    best alignment) away from every original middle matrix. ``meta.json`` then holds, under ``closeness``, per
-    kept matrix its relative error and cosine to the original it came from, and the smallest error the check
-    found (see :func:`artifact_summary`).
+    best alignment) away from every original middle matrix. The owner's record, :func:`leak_check_path`
+    (beside the folder, never shipped), then holds per kept matrix its relative error and cosine to the original
+    it came from, and the smallest error the check found (see :func:`artifact_summary`).
 
     Raises:
         OriginalTensorError: naming the emulator tensor, the original it matches and the error (nothing written).
@@ -100,8 +102,9 @@ def save_emulator_artifact(
     hf.config.save_pretrained(folder)
     torch.save(state, folder / STATE_FILE)
     (folder / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
-    meta = {"architecture": type(hf).__name__, "kind": "emulator", "closeness": closeness}
+    meta = {"architecture": type(hf).__name__, "kind": "emulator"}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+    leak_check_path(folder).write_text(json.dumps(closeness, indent=2))
     return folder
 
 
@@ -169,20 +172,29 @@ def load_adapter_artifact(folder: str | Path) -> tuple[dict[str, Tensor], Emulat
     return torch.load(folder / ADAPTER_FILE, weights_only=True), read_plan(folder)
 
 
+def leak_check_path(folder: str | Path) -> Path:
+    """The model owner's leak-check record of an emulator artifact: ``<folder>.leak_check.json``, beside the folder.
+
+    Kept outside the folder the data owner receives (relative errors would reveal the originals' norms).
+    """
+    folder = Path(folder)
+    return folder.with_name(folder.name + ".leak_check.json")
+
+
 def artifact_summary(folder: str | Path) -> dict[str, Any]:
     """Small description of an artifact for logs and reports.
 
-    Kind, method, layer map and, for an emulator artifact, ``closeness``: per kept matrix its relative error
-    and cosine to the original it came from (``kept_matrices``), their range, and the nearest original any
-    emulator matrix came to in the leak check (``nearest``), so the owner sees how much is shared.
+    Kind, method, layer map and, for an emulator artifact the owner wrote (its :func:`leak_check_path` record is
+    present), ``closeness``: per kept matrix its relative error and cosine to the original it came from
+    (``kept_matrices``), their ranges, and the nearest original any emulator matrix came to in the leak check
+    (``nearest``), so the owner sees how much is shared.
     """
     folder = Path(folder)
     plan = read_plan(folder)
     out: dict[str, Any] = {"folder": str(folder), "method": plan.method, "layer_map": plan.layer_map}
     out["kinds"] = plan.kinds
-    meta_path = folder / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    closeness = meta.get("closeness")
+    record = leak_check_path(folder)
+    closeness = json.loads(record.read_text()) if record.is_file() else None
     if closeness is not None:
         kept = closeness.get("kept_matrices", {})
         errors = [m["rel_error"] for m in kept.values()]
