@@ -168,3 +168,45 @@ def test_superlink_and_two_supernodes_equal_the_in_process_loop(
     assert report["selected_layers"] == reference.selected
     assert report["ledger"]["up_bytes"] == reference.ledger.summary()["up_bytes"] > 0
     assert report["ledger"]["down_bytes"] == reference.ledger.summary()["down_bytes"]
+
+
+@pytest.mark.slow
+def test_flwr_run_in_simulation_equals_the_in_process_loop(tmp_path: Path, processes: list[subprocess.Popen]) -> None:
+    """``flwr run`` on a SuperLink in simulation mode (Ray plays the 3 SuperNodes) gives the same global prompt."""
+    pytest.importorskip("ray", reason="Flower's simulation engine needs ray (flwr[simulation])")
+    config = write_config(tmp_path)
+    out = tmp_path / "flower_out"
+    app = write_app(tmp_path / "app", config, out)
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    link = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    handle = (tmp_path / "superlink.log").open("w")
+    args = [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--port", str(link)]
+    args += ["--health-server-address", f"127.0.0.1:{free_port()}", "--disable-runtime-dependency-installation"]
+    processes.append(
+        subprocess.Popen(args, cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    )
+    wait_for_port(link, 60)
+    run = subprocess.run(
+        [str(BIN / "flwr"), "run", str(app), "sim", "--stream", "--federation-config", "num-supernodes=3"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + (tmp_path / "superlink.log").read_text()
+    deadline = time.monotonic() + 60
+    while not (out / "report.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    reference = in_process(config)
+    final = torch.load(out / "global_prompt.pt", weights_only=True)
+    for name, value in reference.global_state.items():
+        torch.testing.assert_close(final[name], value, rtol=0, atol=1e-6)
+    report = json.loads((out / "report.json").read_text())
+    assert report["ledger"]["up_bytes"] == reference.ledger.summary()["up_bytes"] > 0
