@@ -8,6 +8,7 @@ from privtune.callbacks.dp_sgd import OpacusDP
 from privtune.callbacks.embedding_shaking import EmbeddingShaking
 from privtune.callbacks.fedprox import FedProx
 from privtune.callbacks.layer_replace import LayerReplace
+from privtune.callbacks.membership_audit import MembershipAudit
 from privtune.callbacks.offsite_pipeline import OffsitePipeline
 from privtune.callbacks.offsite_tuning import AdapterExport, EmulatorExport, PlugAdapters
 from privtune.callbacks.rank_compression import RankCompression
@@ -20,6 +21,7 @@ __all__ = [
     "EmulatorExport",
     "FedProx",
     "LayerReplace",
+    "MembershipAudit",
     "OffsitePipeline",
     "OpacusDP",
     "PlugAdapters",

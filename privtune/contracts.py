@@ -163,6 +163,30 @@ class IndexableDataset(Protocol):
     def __getitem__(self, index: int) -> Any: ...  # noqa: ANN401 - one example, whatever the collate takes
 
 
+# ---------------------------------------------------------------------------------------------- privacy audit
+@runtime_checkable
+class MembershipAuditable(Protocol):
+    """The optional parts of a LightningModule that :class:`~privtune.callbacks.MembershipAudit` reads
+    (docs/privacy_audit.md); the model itself is the ``nn.Module`` at the callback's ``model_attr``.
+
+    * ``label_token_ids``: a ``LongTensor`` of label-word ids (decoder classifiers): the audit then scores the
+      gold label word's loss (``task="label_word"``); ``None`` on an encoder classifier (its head is scored);
+    * ``tokenizer``: decodes examples for the zlib attack (without it that attack is skipped).
+    """
+
+    def named_modules(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+@runtime_checkable
+class HeldOutDataModule(Protocol):
+    """A datamodule :class:`~privtune.callbacks.MembershipAudit` audits: ``train_dataloader()`` (its dataset and
+    ``collate_fn`` give the members) and ``<nonmember_split>_dataloader()`` (``test`` or ``val``, the held-out
+    non-members of the same distribution), map-style datasets with ``__len__``. Without one, give the callback
+    ``member_dataloader`` and ``nonmember_dataloader``."""
+
+    def train_dataloader(self) -> Any: ...
+
+
 def protocol_members(protocol: type) -> list[str]:
     """The attribute and method names a ``Protocol`` declares (its own and its bases'), in declaration order."""
     names: list[str] = []
