@@ -160,6 +160,7 @@ class OpacusDP(Callback):
         self.target_epsilon = target_epsilon
         self.delta = delta
         self.noise_multiplier = noise_multiplier
+        self._given = {"noise_multiplier": noise_multiplier, "delta": delta, "target_epsilon": target_epsilon}
         self.max_grad_norm = max_grad_norm
         self.accountant_name = accountant
         self.steps = steps
@@ -264,12 +265,21 @@ class OpacusDP(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        saved = (self._restored or {}).get("sampling")
+        restored = self._restored or {}
+        saved = restored.get("sampling")
         if saved is not None and saved != self.sampling:  # before Lightning restores the loader's state
             raise ValueError(
                 f"The checkpoint was trained with `sampling={saved!r}` but this run has `sampling={self.sampling!r}`: "
                 f"the privacy accounting would not hold; resume with `sampling={saved!r}`."
             )
+        for name in ("noise_multiplier", "delta", "target_epsilon"):
+            given, before = self._given[name], restored.get(name)
+            if given is not None and before is not None and given != before:
+                raise ValueError(
+                    f"The checkpoint was trained with `{name}={before}` but this run asks for `{name}={given}`: a "
+                    f"resumed run keeps the checkpoint's privacy parameters; resume with `{name}={before}` (or leave "
+                    f"it unset), or start a new run."
+                )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -531,6 +541,7 @@ class OpacusDP(Callback):
             "history": [list(h) for h in self.history],
             "noise_multiplier": self.noise_multiplier,
             "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
             "sample_rate": self.sample_rate,
             "sampling": self.sampling,
             "seed": self.seed,

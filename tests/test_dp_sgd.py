@@ -212,6 +212,34 @@ def test_resume_with_another_sampling_is_refused(tmp_path) -> None:
             ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "named"),
+    [
+        (
+            {"target_epsilon": TARGET},
+            {"target_epsilon": 8.0},
+            r"`target_epsilon=2\.0` but this run asks for `target_epsilon=8\.0`",
+        ),
+        (
+            {"noise_multiplier": 1.0},
+            {"noise_multiplier": 0.5},
+            r"`noise_multiplier=1\.0` but .* `noise_multiplier=0\.5`",
+        ),
+        ({"target_epsilon": TARGET, "delta": 1e-5}, {"target_epsilon": TARGET, "delta": 1e-3}, r"`delta=1e-05` but"),
+    ],
+    ids=["target", "sigma", "delta"],
+)
+def test_resume_with_other_privacy_parameters_is_refused(tmp_path, first, second, named) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tmp_path / "a", OpacusDP(**first), max_steps=12, enable_checkpointing=True, callbacks=[ckpt, _Crash(3)])
+    with pytest.raises(ValueError, match=named):
+        fit(tmp_path / "b", OpacusDP(**second), max_steps=12, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    cb = OpacusDP(**{k: v for k, v in first.items() if k != "delta"})  # the same (or unset) parameters resume
+    fit(tmp_path / "c", cb, max_steps=12, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert cb.steps_taken == 12
+
+
 def test_several_training_loaders_are_refused(tmp_path) -> None:
     trainer = trainer_for(tmp_path, [OpacusDP(target_epsilon=TARGET)], max_steps=2)
     with pytest.raises(ValueError, match=r"exactly one training `DataLoader`.*list"):
