@@ -282,17 +282,37 @@ def test_target_and_noise_multiplier_together_or_neither_are_refused() -> None:
         OpacusDP()
 
 
-def test_prv_gives_the_final_figure_and_rdp_the_training_log(tmp_path) -> None:
+def test_prv_gives_the_final_figure_and_rdp_the_training_log(tmp_path, monkeypatch) -> None:
+    """PRV plans and gives the final figure; during training only the cached RDP bound is computed."""
+    from opacus.accountants import PRVAccountant
+
+    calls: list[str] = []
+    phase = ["before"]
+    original = PRVAccountant.get_epsilon
+
+    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(phase[0])
+        return original(self, *args, **kwargs)
+
+    class Phase(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            phase[0] = "training"
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001 - after OpacusDP's (list order)
+            if trainer.current_epoch == trainer.max_epochs - 1:
+                phase[0] = "end"
+
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", counted)
     cb = OpacusDP(target_epsilon=TARGET, accountant="prv")
-    _, trainer = fit(tmp_path, cb, max_steps=10)
+    _, trainer = fit(tmp_path, cb, max_epochs=3, callbacks=[Phase()])
+    assert "training" not in calls  # 3 epoch ends, 15 steps: RDP only
+    assert calls.count("end") == 1 and calls[0] == "before"  # planning and the cap, then the final figure
     report = cb.report()
-    assert report["accountant"] == "prv"
+    assert report["accountant"] == "prv" and report["steps"] == 15
     assert report["epsilon"] == pytest.approx(epsilon_spent(cb.history, cb.delta, "prv"))
     assert 0.9 * TARGET <= report["epsilon"] <= TARGET
     logged = float(trainer.callback_metrics["dp/epsilon_rdp"])  # the cheap bound logged each epoch
-    assert logged == pytest.approx(
-        epsilon_spent(cb.history[:1] and [(cb.noise_multiplier, cb.sample_rate, 10)], cb.delta, "rdp")
-    )
+    assert logged == pytest.approx(epsilon_spent([(cb.noise_multiplier, cb.sample_rate, 15)], cb.delta, "rdp"))
     assert logged >= report["epsilon"]
 
 
