@@ -363,7 +363,15 @@ class OpacusDP(Callback):
             try:
                 out = pl_module.training_step(batch, 0)
                 loss = out["loss"] if isinstance(out, Mapping) else out
+                if not isinstance(loss, torch.Tensor):
+                    raise ValueError(
+                        f"OpacusDP runs `training_step` once on two examples to check per-sample gradients, and it "
+                        f"returned {type(out).__name__}: return the loss (a tensor, or a dict with `loss`)."
+                    )
                 loss.backward()
+            except ValueError:
+                self._remove_hooks(pl_module)
+                raise
             except Exception as err:  # noqa: BLE001 - any failure inside Opacus' hooks is reported with the layers
                 failure = f"{type(err).__name__}: {err}"
         bad = []

@@ -407,6 +407,16 @@ def test_trainable_position_embedding_is_named_with_the_fix(tiny_trainer) -> Non
         trainer.fit(GPT2Module(), train_dataloaders=DataLoader(TensorDataset(ids), batch_size=4))
 
 
+def test_training_step_without_a_loss_is_refused_before_the_first_step(tmp_path) -> None:
+    class NoLoss(TinyMLP):
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            return None
+
+    trainer = trainer_for(tmp_path, [OpacusDP(target_epsilon=TARGET)], max_steps=2)
+    with pytest.raises(ValueError, match=r"returned NoneType: return the loss"):
+        trainer.fit(NoLoss(), train_dataloaders=plain_loader())
+
+
 def test_trainable_batchnorm_is_refused_at_setup(tmp_path) -> None:
     module = TinyMLP()
     module.net.insert(1, nn.BatchNorm1d(8))
