@@ -219,16 +219,24 @@ class OpacusDP(Callback):
 
     @staticmethod
     def _unsupported_layers(pl_module: pl.LightningModule) -> list[str]:
-        """Trainable layers with buffers (e.g. BatchNorm): their per-sample gradients are not private (Opacus)."""
+        """Trainable layers Opacus cannot make private, with their names: those with buffers (its
+        ``GradSampleModule.validate``) and those its ``ModuleValidator`` says to replace (BatchNorm, LSTM, GRU,
+        MultiheadAttention, InstanceNorm with running statistics)."""
         from opacus.utils.module_utils import trainable_modules
+        from opacus.validators import ModuleValidator
 
-        bad = [f"`{name}` ({type(m).__name__})" for name, m in trainable_modules(pl_module) if list(m.buffers())]
+        bad = []
+        for name, m in trainable_modules(pl_module):
+            validator = ModuleValidator.VALIDATORS.get(type(m))
+            if list(m.buffers()) or (validator is not None and validator(m)):
+                bad.append(f"`{name}` ({type(m).__name__})")
         if not bad:
             return []
         return [
-            f"Opacus cannot compute private per-sample gradients for trainable layers with buffers: {', '.join(bad)}; "
-            "freeze them (`requires_grad_(False)`) or replace them (e.g. BatchNorm by GroupNorm: "
-            "`opacus.validators.ModuleValidator.fix(model)`)."
+            f"Opacus cannot compute private per-sample gradients for these trainable layers: {', '.join(bad)}; freeze "
+            "them (`requires_grad_(False)`) or replace them with privacy-safe equivalents "
+            "(`opacus.validators.ModuleValidator.fix(model)`: BatchNorm by GroupNorm, LSTM/GRU/MultiheadAttention by "
+            "Opacus' DPLSTM/DPGRU/DPMultiheadAttention)."
         ]
 
     def _convert_loader(self, loader: Any) -> DataLoader:  # noqa: ANN401 - whatever the source returned

@@ -421,8 +421,19 @@ def test_trainable_batchnorm_is_refused_at_setup(tmp_path) -> None:
     module = TinyMLP()
     module.net.insert(1, nn.BatchNorm1d(8))
     trainer = trainer_for(tmp_path, [OpacusDP(target_epsilon=TARGET)], max_steps=2)
-    with pytest.raises(ValueError, match=r"`net\.1` \(BatchNorm1d\).*GroupNorm"):
+    with pytest.raises(ValueError, match=r"`net\.1` \(BatchNorm1d\).*BatchNorm by GroupNorm"):
         trainer.fit(module, train_dataloaders=plain_loader())
+
+
+def test_layers_opacus_says_to_replace_are_named_at_setup(tmp_path) -> None:
+    module = TinyMLP()
+    module.attn = nn.MultiheadAttention(8, 2)
+    module.rnn = nn.LSTM(4, 4)
+    module.frozen = nn.LSTM(4, 4).requires_grad_(False)  # frozen: no per-sample gradient needed
+    trainer = trainer_for(tmp_path, [OpacusDP(target_epsilon=TARGET)], max_steps=2)
+    with pytest.raises(ValueError, match=r"`attn` \(MultiheadAttention\), `rnn` \(LSTM\); freeze") as err:
+        trainer.fit(module, train_dataloaders=plain_loader())
+    assert "frozen" not in str(err.value) and "DPLSTM" in str(err.value)
 
 
 # ---------------------------------------------------------------------- with a privtune datamodule
