@@ -18,12 +18,15 @@ from privtune.federated import (
     ClientState,
     ClientUpdate,
     CommunicatedView,
+    FedAdagrad,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FederatedClient,
     FederatedConfig,
     FederatedLoop,
     FedPepTAOServer,
+    FedYogi,
     PartialPromptClient,
     ResumeMismatchError,
     Scaffold,
@@ -163,7 +166,11 @@ def test_client_dp_clips_each_update_and_averages_uniformly() -> None:
     assert loop.history[-1]["privacy/epsilon"] == math.inf  # no noise: no guarantee, and the report says so
 
 
-@pytest.mark.parametrize("server", [FedAvg(), FedAdam(), FedPepTAOServer()], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "server",
+    [FedAvg(), FedAvgM(server_momentum=0.9), FedAdam(), FedYogi(), FedAdagrad(), FedPepTAOServer()],
+    ids=lambda s: type(s).__name__,
+)
 def test_client_dp_with_a_target_never_overspends(server: ServerOptimizer) -> None:
     # 12 clients, 6 per round (q = 0.5), delta << 1/N
     dp = ClientLevelDP(clipping_norm=0.1, target_epsilon=8.0, delta=1e-3)
