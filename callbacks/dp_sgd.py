@@ -498,7 +498,7 @@ class OpacusDP(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         key = "dp/epsilon" if self.accountant_name == "rdp" else "dp/epsilon_rdp"  # PRV only at the end
-        pl_module.log(key + self._suffix, self.epsilon("rdp"), prog_bar=True)
+        pl_module.log(key + self._suffix, self.epsilon("rdp"), prog_bar=self.accountant_name == "rdp")
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
