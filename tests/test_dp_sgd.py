@@ -246,6 +246,36 @@ def test_several_training_loaders_are_refused(tmp_path) -> None:
         trainer.fit(TinyMLP(), train_dataloaders=[plain_loader(), plain_loader()])
 
 
+class _Resumable(pl.LightningDataModule):
+    """A datamodule built like privtune's: a seeded, resumable shuffling loader."""
+
+    def train_dataloader(self) -> DataLoader:
+        from privtune.datamodules.resumable import resumable_train_loader
+
+        return resumable_train_loader(synthetic(), B, seed=11, trainer=self.trainer)
+
+
+def test_datamodule_loader_becomes_poisson_and_resumes_bit_exactly(tmp_path) -> None:
+    def run(root: Path, cb: OpacusDP, callbacks: list, ckpt_path: str | None = None) -> TinyMLP:
+        pl.seed_everything(0)
+        module = TinyMLP()
+        trainer = trainer_for(root, [cb, *callbacks], max_steps=12, enable_checkpointing=bool(callbacks))
+        trainer.fit(module, datamodule=_Resumable(), ckpt_path=ckpt_path)
+        return module
+
+    reference_cb = OpacusDP(target_epsilon=TARGET)
+    reference = run(tmp_path / "a", reference_cb, [])
+    assert reference_cb.seed == 11  # the datamodule sampler's seed drives the draws
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "b", OpacusDP(target_epsilon=TARGET), [ckpt, _Crash(8)])
+    cb = OpacusDP(target_epsilon=TARGET)
+    resumed = run(tmp_path / "b", cb, [], ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.seen[1:] == reference.seen[1 + 8 :] and cb.steps_taken == 12
+    assert {len(s) for s in reference.seen[1:]} != {B}  # Poisson: variable sizes
+    assert_spent_within(cb)
+
+
 def test_gradient_accumulation_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"`accumulate_grad_batches=4` is not supported.*multiply .*`batch_size` by 4"):
         fit(tmp_path, OpacusDP(target_epsilon=TARGET), max_steps=4, accumulate_grad_batches=4)
