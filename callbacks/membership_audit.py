@@ -130,6 +130,11 @@ class MembershipAudit(pl.Callback):
     def state_key(self) -> str:  # noqa: D102
         return self._generate_state_key(nonmember_split=self.nonmember_split, seed=self.seed)
 
+    @property
+    def reference_statistics(self) -> dict[str, ExampleStatistics]:
+        """``{"member", "nonmember"}`` statistics of the model at fit start (empty without ``reference``)."""
+        return dict(self._reference_stats)
+
     # ------------------------------------------------------------------ set-up
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
