@@ -212,17 +212,19 @@ class StageProgress(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
-        progress(f"{self.stage}: {trainer.max_steps} steps on {trainer.strategy.root_device}")
+        budget = f"{trainer.max_steps} steps" if trainer.max_steps > 0 else f"{trainer.max_epochs} epochs"
+        progress(f"{self.stage}: {budget} on {trainer.strategy.root_device}")
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
         step = trainer.global_step
         if step % self.every and step != trainer.max_steps:
             return
+        of = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         shown = f", loss {float(loss):.4f}" if isinstance(loss, Tensor) else ""
         elapsed = time.perf_counter() - self._start
-        progress(f"{self.stage}: step {step}/{trainer.max_steps}{shown}, {elapsed:.1f} s")
+        progress(f"{self.stage}: step {step}{of}{shown}, {elapsed:.1f} s")
 
 
 class StageLogger(Logger):
