@@ -100,6 +100,13 @@ class SigtermAtTrainEnd(Callback):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SigtermAtFirstTestBatch(Callback):
+    """Sends this process SIGTERM after the first test batch."""
+
+    def on_test_batch_end(self, trainer, *args) -> None:  # noqa: ANN002
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _quiet(tmp_path) -> list[str]:
     return [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
 
@@ -121,6 +128,14 @@ def test_sigterm_after_the_last_step_still_exits_nonzero(tmp_path) -> None:
     with pytest.raises(SystemExit) as stopped:
         main(["fit", "--config", TINY, "--trainer.max_steps=2", killer, *_quiet(tmp_path)])
     assert stopped.value.code == SIGTERM_EXIT_CODE
+
+
+def test_sigterm_during_test_exits_143_without_a_checkpoint(tmp_path) -> None:
+    killer = f"--trainer.callbacks+={__name__}.SigtermAtFirstTestBatch"
+    with pytest.raises(SystemExit) as stopped:
+        main(["test", "--config", TINY, killer, *_quiet(tmp_path)])
+    assert stopped.value.code == SIGTERM_EXIT_CODE
+    assert not list(tmp_path.rglob("sigterm.ckpt"))  # nothing trained, nothing to resume
 
 
 def test_sigterm_from_outside_stops_the_process_with_143_after_saving(tmp_path) -> None:
