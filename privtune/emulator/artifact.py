@@ -64,7 +64,9 @@ def find_original_tensors(
     ``[l, L - r)`` of the same or the transposed shape, after the best scale and sign and after row or column
     matching. Constant tensors carry no information and are skipped.
     """
-    near = nearest_originals(emulator_matrices(emulator_state), original_middle_matrices(original, plan))
+    originals = original_middle_matrices(original, plan)
+    shapes = {tuple(w.shape) for w in originals.values()} | {tuple(w.shape[::-1]) for w in originals.values()}
+    near = nearest_originals(emulator_matrices(emulator_state, shapes), originals)
     return [name for name, c in near.items() if c.rel_error < min_rel_error]
 
 

@@ -87,21 +87,25 @@ def _informative(tensor: Tensor) -> bool:
     return tensor.dim() >= 2 and tensor.numel() > 1 and not bool((tensor == tensor.reshape(-1)[0]).all())
 
 
-def emulator_matrices(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def emulator_matrices(state: Mapping[str, Tensor], shapes: set[tuple[int, ...]] | None = None) -> dict[str, Tensor]:
     """The matrices of an emulator state dict that the check compares (float32, CPU, 2-D).
 
     Every informative 2-D+ tensor, plus the product ``up @ down`` of each factored pair
     ``<prefix>.down.weight`` / ``<prefix>.up.weight`` (a rank-``r`` layer whose product is the matrix it
-    applies).
+    applies). With ``shapes``, only matrices of those 2-D shapes (the others have nothing to be compared with).
     """
-    out = {name: _as_matrix(t) for name, t in state.items() if _informative(t)}
+
+    def wanted(t: Tensor) -> bool:
+        return shapes is None or (t.shape[0], t[0].numel()) in shapes
+
+    out = {name: _as_matrix(t) for name, t in state.items() if t.dim() >= 2 and wanted(t) and _informative(t)}
     for name, down in state.items():
         if not name.endswith(".down.weight"):
             continue
         up = state.get(name[: -len("down.weight")] + "up.weight")
         if up is not None and up.dim() == 2 and down.dim() == 2 and up.shape[1] == down.shape[0]:
             product = _as_matrix(up) @ _as_matrix(down)
-            if _informative(product):
+            if wanted(product) and _informative(product):
                 out[name[: -len(".down.weight")] + ".(up@down)"] = product
     return out
 
@@ -140,26 +144,33 @@ def _sketched_unit(matrix: Tensor, sketch: Tensor | None) -> Tensor:
     return _unit_rows(matrix if sketch is None else matrix @ sketch)
 
 
-def _matched_error(rows: Tensor, candidate: Tensor, rows_sketch: Tensor, cand_sketch: Tensor) -> tuple[float, float]:
+def _matched_error(
+    rows: Tensor, norms: Tensor, rows_sketch: Tensor, candidate: Tensor, cand_norms: Tensor, cand_sketch: Tensor
+) -> tuple[float, float]:
     """Error and ``|cos|`` of ``rows`` against ``candidate`` after matching each row to its most parallel row."""
     partner = (rows_sketch @ cand_sketch.T).abs().argmax(dim=1)
-    matched = candidate[partner]
-    norms = rows.norm(dim=1)
-    cos = (rows * matched).sum(dim=1) / (norms * matched.norm(dim=1)).clamp_min(_EPS)
+    cos = (rows * candidate[partner]).sum(dim=1) / (norms * cand_norms[partner]).clamp_min(_EPS)
     weight = norms.square()
-    total = weight.sum().clamp_min(_EPS)
-    err2 = float((weight * (1.0 - cos.square()).clamp_min(0.0)).sum() / total)
+    err2 = float((weight * (1.0 - cos.square()).clamp_min(0.0)).sum() / weight.sum().clamp_min(_EPS))
     return err2**0.5, max(0.0, 1.0 - err2) ** 0.5
 
 
 @dataclass
 class _Family:
-    """Vectors of the same length and count from several originals: rows of ``W`` or rows of ``Wᵀ``."""
+    """Vectors of one length and count from several originals: rows of ``W`` or rows of ``Wᵀ`` (columns of ``W``)."""
 
     names: list[str]
     transposed: list[bool]
     vectors: list[Tensor]
+    norms: list[Tensor]
     sketched: Tensor  # [p, count, k] unit sketches
+
+
+def _groups(items: Mapping[str, Tensor]) -> dict[tuple[int, ...], list[str]]:
+    out: dict[tuple[int, ...], list[str]] = {}
+    for name, t in items.items():
+        out.setdefault(tuple(t.shape), []).append(name)
+    return out
 
 
 def nearest_originals(
@@ -168,6 +179,7 @@ def nearest_originals(
     sketch_dim: int = 64,
     screen_rows: int = 16,
     screen_cosine: float = 0.8,
+    chunk: int = 8,
 ) -> dict[str, Closeness]:
     """For each emulator matrix, its nearest original matrix of the same or the transposed shape.
 
@@ -178,6 +190,7 @@ def nearest_originals(
         screen_rows: rows of ``E`` (the largest) compared with every candidate row before the full matching.
         screen_cosine: a candidate is matched in full when the median, over the screened rows, of their best
             sketched ``|cos|`` exceeds this; unrelated rows stay near ``1/sqrt(sketch_dim)``, a near copy's at 1.
+        chunk: emulator matrices screened together (bounds the screen's memory).
 
     Returns:
         ``{emulator name: Closeness}`` for every emulator matrix that shares a shape (or transposed shape) with
@@ -190,52 +203,67 @@ def nearest_originals(
             sketches[length] = _sketch(length, sketch_dim)
         return sketches[length]
 
-    # Group the originals once: by shape for the plain comparison, by vector shape for the matching.
-    by_shape: dict[tuple[int, ...], tuple[list[str], Tensor]] = {}
-    for shape in {tuple(w.shape) for w in originals.values()}:
-        names = [n for n, w in originals.items() if tuple(w.shape) == shape]
-        flat = torch.stack([originals[n].reshape(-1) for n in names])
-        by_shape[shape] = (names, flat / flat.norm(dim=1, keepdim=True).clamp_min(_EPS))
-    needed = {tuple(e.shape) for e in emulator.values()} | {tuple(e.shape[::-1]) for e in emulator.values()}
-    families: dict[tuple[int, ...], _Family] = {}
-    for shape in needed:
+    best: dict[str, Closeness] = {}
+
+    def offer(candidate: Closeness) -> None:
+        if candidate.tensor not in best or candidate.rel_error < best[candidate.tensor].rel_error:
+            best[candidate.tensor] = candidate
+
+    # Error after the best scalar, same layout: one product per shape.
+    original_groups = _groups(originals)
+    for shape, enames in _groups(emulator).items():
+        onames = original_groups.get(shape)
+        if not onames:
+            continue
+        flat = torch.stack([originals[n].reshape(-1) for n in onames])
+        flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(_EPS)
+        mine = torch.stack([emulator[n].reshape(-1) for n in enames])
+        cos = (mine @ flat.T).abs() / mine.norm(dim=1, keepdim=True).clamp_min(_EPS)  # [q, p]
+        values, index = cos.max(dim=1)
+        for ename, value, i in zip(enames, values.tolist(), index.tolist()):
+            c = min(1.0, value)
+            offer(Closeness(ename, onames[i], max(0.0, 1.0 - c * c) ** 0.5, c, "scale"))
+    # Row matching: rows of E against rows of W or of Wᵀ of the same shape, then the same on Eᵀ (columns).
+    views = [(f"{n}|rows", e) for n, e in emulator.items()] + [(f"{n}|columns", e.T) for n, e in emulator.items()]
+    view_groups = _groups(dict(views))
+    matrices = dict(views)
+    for vshape, vnames in view_groups.items():
         names, flags, vectors = [], [], []
-        for name, w in originals.items():
+        for oname, w in originals.items():
             for transposed, vecs in ((False, w), (True, w.T)):
-                if tuple(vecs.shape) == shape:
-                    names.append(name)
+                if tuple(vecs.shape) == vshape:
+                    names.append(oname)
                     flags.append(transposed)
-                    vectors.append(vecs.contiguous())
-        if names:
-            sk = sketch_for(shape[1])
-            families[shape] = _Family(names, flags, vectors, torch.stack([_sketched_unit(v, sk) for v in vectors]))
-    result: dict[str, Closeness] = {}
-    for ename, e in emulator.items():
-        best: Closeness | None = None
-        plain = by_shape.get(tuple(e.shape))
-        if plain is not None:  # error after the best scalar, same layout
-            names, unit = plain
-            cos = (unit @ e.reshape(-1)).abs() / e.norm().clamp_min(_EPS)
-            i = int(cos.argmax())
-            c = min(1.0, float(cos[i]))
-            best = Closeness(ename, names[i], max(0.0, 1.0 - c * c) ** 0.5, c, "scale")
-        for side, vecs in (("rows", e), ("columns", e.T)):
-            family = families.get(tuple(vecs.shape))
-            if family is None:
-                continue
-            vs = _sketched_unit(vecs, sketch_for(vecs.shape[1]))
-            probe = vs[vecs.norm(dim=1).argsort(descending=True)[:screen_rows]]
-            screen = torch.einsum("rk,pmk->prm", probe, family.sketched).abs().amax(dim=2).median(dim=1).values
-            for j in torch.nonzero(screen >= screen_cosine).flatten().tolist():
-                err, cosine = _matched_error(vecs, family.vectors[j], vs, family.sketched[j])
-                if best is None or err < best.rel_error:
-                    # Columns of E against rows of W is the transposed alignment; against rows of Wᵀ, the plain one.
-                    transposed = family.transposed[j] != (side == "columns")
-                    label = f"{'transposed ' if transposed else ''}{side}"
-                    best = Closeness(ename, family.names[j], err, cosine, label)
-        if best is not None:
-            result[ename] = best
-    return result
+                    vectors.append(vecs)
+        if not names:
+            continue
+        sk = sketch_for(vshape[1])
+        family = _Family(
+            names,
+            flags,
+            vectors,
+            [v.norm(dim=1) for v in vectors],
+            torch.stack([_sketched_unit(v, sk) for v in vectors]),
+        )
+        p, m, k = family.sketched.shape
+        flat_family = family.sketched.reshape(p * m, k)
+        for start in range(0, len(vnames), chunk):
+            batch = vnames[start : start + chunk]
+            vecs = [matrices[v] for v in batch]
+            norms = [v.norm(dim=1) for v in vecs]
+            vs = [_sketched_unit(v, sk) for v in vecs]
+            top = min(screen_rows, vshape[0])
+            probes = torch.cat([s[n.argsort(descending=True)[:top]] for s, n in zip(vs, norms)])  # [b*top, k]
+            screen = (probes @ flat_family.T).abs().reshape(len(batch), top, p, m).amax(dim=3).median(dim=1).values
+            for i, j in torch.nonzero(screen >= screen_cosine).tolist():
+                ename, _, side = batch[i].rpartition("|")
+                err, cosine = _matched_error(
+                    vecs[i], norms[i], vs[i], family.vectors[j], family.norms[j], family.sketched[j]
+                )
+                # Columns of E against rows of W is the transposed alignment; against rows of Wᵀ, the plain one.
+                transposed = family.transposed[j] != (side == "columns")
+                offer(Closeness(ename, family.names[j], err, cosine, f"{'transposed ' if transposed else ''}{side}"))
+    return {name: best[name] for name in emulator if name in best}
 
 
 def check_no_original(
@@ -256,7 +284,9 @@ def check_no_original(
     """
     if not 0.0 < min_rel_error < 1.0:
         raise ValueError(f"`min_rel_error={min_rel_error}` must be in (0, 1).")
-    near = nearest_originals(emulator_matrices(emulator_state), original_middle_matrices(original, plan))
+    originals = original_middle_matrices(original, plan)
+    shapes = {tuple(w.shape) for w in originals.values()} | {tuple(w.shape[::-1]) for w in originals.values()}
+    near = nearest_originals(emulator_matrices(emulator_state, shapes), originals)
     hits = sorted((c for c in near.values() if c.rel_error < min_rel_error), key=lambda c: c.rel_error)
     if hits:
         listed = "; ".join(
