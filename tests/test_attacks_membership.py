@@ -14,6 +14,7 @@ from privtune.attacks.membership import (
     Interval,
     MembershipReport,
     attack_scores,
+    audit_model,
     best_valid_attack,
     bootstrap_metrics,
     control_verdicts,
@@ -214,3 +215,18 @@ def test_statistics_refuse_bad_task_and_missing_keys():
         example_statistics(model, [{"input_ids": ids, "attention_mask": ids}], task="label_word")
     with pytest.raises(ValueError, match="k=0"):
         example_statistics(model, [], k=0.0)
+
+
+def test_audit_model_matches_the_step_by_step_report():
+    tok = tiny_tokenizer()
+    collate = PadCollator(tok.pad_token_id)
+    rng = random.Random(1)
+    texts = [" ".join(rng.choice(_WORDS) for _ in range(6)) for _ in range(8)]
+    batches = [collate([{"input_ids": tok(t)["input_ids"]} for t in texts[i : i + 4]]) for i in (0, 4)]
+    model, base = load_model("tiny-llama", task="causal_lm"), load_model("tiny-llama", task="causal_lm")
+    report = audit_model(model, batches[:1], batches[1:], reference_model=base, tokenizer=tok, seed=3)
+    stats = [
+        example_statistics(m, b, tokenizer=t) for m, b, t in ((model, batches[:1], tok), (model, batches[1:], tok))
+    ]
+    refs = [example_statistics(base, b) for b in (batches[:1], batches[1:])]
+    assert report.to_dict()["attacks"] == membership_report(*stats, *refs, seed=3).to_dict()["attacks"]

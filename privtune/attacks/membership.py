@@ -30,10 +30,10 @@ against half: AUC interval containing 0.5) both pass; an invalid attack is repor
 
 A frontier script drives it as::
 
-    stats = example_statistics(model, member_loader, task="causal_lm")          # and for non-members
-    ref = example_statistics(base_model, member_loader, task="causal_lm")       # optional
-    report = membership_report(member_stats, nonmember_stats, member_ref, nonmember_ref, seed=0)
-    best = best_valid_attack(report, valid=control_verdicts(positive_report, report))
+    report = audit_model(tuned_model, member_loader, nonmember_loader, reference_model=base_model,
+                         task="label_word", label_token_ids=dm.label_token_ids, tokenizer=tokenizer, seed=seed)
+    verdicts = control_verdicts(positive_report, report)   # positive: the overfit model's report
+    best = best_valid_attack(report, verdicts)               # None when no attack is valid
 """
 
 from __future__ import annotations
@@ -603,3 +603,36 @@ def best_valid_attack(report: MembershipReport, valid: Mapping[str, Mapping[str,
     if not names:
         return None
     return max(names, key=lambda n: report.attacks[n].auc.value)
+
+
+def audit_model(
+    model: nn.Module,
+    member_batches: Iterable[Mapping[str, Tensor]],
+    nonmember_batches: Iterable[Mapping[str, Tensor]],
+    *,
+    reference_model: nn.Module | None = None,
+    task: Task = "causal_lm",
+    label_token_ids: Tensor | None = None,
+    tokenizer: Any = None,
+    k: float = 0.2,
+    draws: int = 1000,
+    seed: int = 0,
+    meta: Mapping[str, Any] | None = None,
+) -> MembershipReport:
+    """One call for a script (e.g. a privacy-utility frontier): score a model's members against non-members.
+
+    The batches must be re-iterable (lists or DataLoaders) when ``reference_model`` is given, as they are read
+    twice. Any model privtune produces can be passed: a tuned checkpoint, a plug-in model, a recovered shaken
+    model, a federated global model (the HF model, not the LightningModule).
+
+    Returns:
+        :func:`membership_report` of every attack the inputs allow, with the negative control.
+    """
+    kwargs = {"task": task, "label_token_ids": label_token_ids, "k": k, "tokenizer": tokenizer}
+    members = example_statistics(model, member_batches, **kwargs)
+    nonmembers = example_statistics(model, nonmember_batches, **kwargs)
+    ref_in = ref_out = None
+    if reference_model is not None:
+        ref_in = example_statistics(reference_model, member_batches, **{**kwargs, "tokenizer": None})
+        ref_out = example_statistics(reference_model, nonmember_batches, **{**kwargs, "tokenizer": None})
+    return membership_report(members, nonmembers, ref_in, ref_out, draws=draws, seed=seed, meta=meta)
