@@ -149,8 +149,10 @@ def _matched_error(
 ) -> tuple[float, float]:
     """Error and ``|cos|`` of ``rows`` against ``candidate`` after matching each row to its most parallel row."""
     partner = (rows_sketch @ cand_sketch.T).abs().argmax(dim=1)
-    cos = (rows * candidate[partner]).sum(dim=1) / (norms * cand_norms[partner]).clamp_min(_EPS)
-    weight = norms.square()
+    # float64 for the error itself: 1 - cos² of near-parallel rows loses digits in float32.
+    dots = (rows.double() * candidate[partner].double()).sum(dim=1)
+    cos = dots / (norms.double() * cand_norms[partner].double()).clamp_min(_EPS)
+    weight = norms.double().square()
     err2 = float((weight * (1.0 - cos.square()).clamp_min(0.0)).sum() / weight.sum().clamp_min(_EPS))
     return err2**0.5, max(0.0, 1.0 - err2) ** 0.5
 
@@ -219,9 +221,9 @@ def nearest_originals(
         flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(_EPS)
         mine = torch.stack([emulator[n].reshape(-1) for n in enames])
         cos = (mine @ flat.T).abs() / mine.norm(dim=1, keepdim=True).clamp_min(_EPS)  # [q, p]
-        values, index = cos.max(dim=1)
-        for ename, value, i in zip(enames, values.tolist(), index.tolist()):
-            c = min(1.0, value)
+        for ename, i in zip(enames, cos.argmax(dim=1).tolist()):
+            e, w = emulator[ename].double(), originals[onames[i]].double()  # the chosen pair, in float64
+            c = min(1.0, float((e * w).sum().abs() / (e.norm() * w.norm()).clamp_min(_EPS)))
             offer(Closeness(ename, onames[i], max(0.0, 1.0 - c * c) ** 0.5, c, "scale"))
     # Row matching: rows of E against rows of W or of Wᵀ of the same shape, then the same on Eᵀ (columns).
     views = [(f"{n}|rows", e) for n, e in emulator.items()] + [(f"{n}|columns", e.T) for n, e in emulator.items()]
