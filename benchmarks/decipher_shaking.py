@@ -194,6 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     cache: dict = {"tokenizer": load_tokenizer(MODEL)}
     model = load_model(MODEL, task="causal_lm")
     cache["table"] = model.get_input_embeddings().weight.detach().clone()
@@ -207,11 +208,12 @@ def main() -> None:
             rows.append(json.loads(path.read_text()))
             continue
         result = run_row(row, args, cache)
+        result["commit"] = commit  # the code this row ran with (the run's start)
         path.write_text(json.dumps(result, indent=1))
         rows.append(result)
     meta = {
         "command": " ".join(shlex.quote(a) for a in [sys.argv[0].replace(str(ROOT) + "/", ""), *sys.argv[1:]]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+        "commit": commit,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
         "tokenizer": MODEL,
