@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -76,6 +76,13 @@ class MembershipAudit(pl.Callback):
         ValueError: for a split other than ``test``/``val``, ``max_examples < 2``, ``draws < 1000``, ``k`` outside
             ``(0, 1]`` or an unknown ``task``; at setup (``ContractError``) when the model or the data is missing.
     """
+
+    #: In a federated run the datamodule's training set is the round loop's ticks, not the clients' examples.
+    federated_support: ClassVar[str] = "refuse"
+    federated_alternative: ClassVar[str] = (
+        "score the global model with privtune.attacks.membership.audit_model, members drawn from the examples of "
+        "the clients that took part (docs/privacy_audit.md)"
+    )
 
     def __init__(
         self,

@@ -110,6 +110,16 @@ def test_setup_refuses_missing_model_and_data(tiny_trainer, csv_file):
         trainer.fit(module, train_dataloaders=loader)
 
 
+def test_federated_runs_are_refused_with_the_alternative():
+    from privtune.contracts import FederatedAware
+    from privtune.strategies.callback_policy import refusal
+
+    audit = MembershipAudit()
+    assert isinstance(audit, FederatedAware) and audit.federated_support == "refuse"
+    reason = refusal(audit, "FederatedSimulation")
+    assert reason is not None and "audit_model" in reason
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="nonmember_split='train'"):
         MembershipAudit(nonmember_split="train")  # type: ignore[arg-type]
