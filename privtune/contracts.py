@@ -207,3 +207,20 @@ def missing_members(obj: object, protocol: type) -> list[str]:
 
 class ContractError(TypeError):
     """A callback's module, trainer or batch does not provide what the callback's Protocol names."""
+
+
+def model_at(owner: object, model_attr: str, who: str, docs: str) -> nn.Module:
+    """``getattr(owner, model_attr)`` when it is an ``nn.Module``.
+
+    Raises:
+        ContractError: naming ``model_attr``, the module's sub-modules it could name instead, and ``docs``.
+    """
+    model = getattr(owner, model_attr, None)
+    if isinstance(model, nn.Module):
+        return model
+    modules = getattr(owner, "_modules", {}) or {}
+    found = getattr(model, "__class__", type(None)).__name__ if hasattr(owner, model_attr) else "no such attribute"
+    raise ContractError(
+        f"{who}: `model_attr={model_attr!r}` names no model on {type(owner).__name__} ({found}); it must name the "
+        f"attribute that holds the model, one of {sorted(modules)}. HINT: set `model_attr` (see {docs})."
+    )
