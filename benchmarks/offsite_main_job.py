@@ -36,6 +36,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "train.py", "fit", "--config", args.config, *args.overrides]
+    provenance = run_provenance()  # the commit the run starts from, not the one it ends on
     load_before = os.getloadavg()
     start = time.perf_counter()
     with (out / "train.log").open("w") as log:
@@ -48,7 +49,7 @@ def main() -> None:
     for name in ("offsite_report.json", "offsite_report.md", "offsite_report.png"):
         if (Path(args.report_dir) / name).is_file():
             shutil.copy(Path(args.report_dir) / name, out / name)
-    run = run_provenance() | {
+    run = provenance | {
         "train_command": " ".join(["python", *command[1:]]),
         "wall_seconds": round(wall, 1),
         "peak_rss_mb": round(peak_kb / 1024),

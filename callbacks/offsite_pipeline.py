@@ -110,6 +110,7 @@ class OffsitePipeline(pl.Callback):
         self.trainers: NestedTrainers | None = None
         self.report: dict[str, Any] = {}
         self._fit_start = 0.0
+        self._provenance: dict[str, Any] = {}
         self._owner_progress = StageProgress("model owner (stage 1 / distillation)", progress_every)
 
     def _export(self, trainer: pl.Trainer) -> EmulatorExport:
@@ -135,6 +136,7 @@ class OffsitePipeline(pl.Callback):
                 "HarmonizerImportance with LayerReplace, or leave `alphas` empty."
             )
         self.trainers = NestedTrainers.from_trainer(trainer, self.settings.output_dir, self.settings.progress_every)
+        self._provenance = run_provenance()  # the commit the run starts from
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -166,7 +168,7 @@ class OffsitePipeline(pl.Callback):
             stage1=stage1,
             knobs=knobs,
             distill_batches=batches,
-            meta=run_provenance() | _stage1_scores(pl_module),
+            meta=self._provenance | _stage1_scores(pl_module),
         )
 
 
