@@ -149,16 +149,20 @@ def test_kept_matrix_closeness_of_an_uncompressed_block_is_zero() -> None:
 
 
 @pytest.mark.assets
-def test_smollm2_default_scaleot_export_passes_quickly(tmp_path) -> None:
+def test_smollm2_default_scaleot_export_passes_quickly() -> None:
+    # ScaleOT's default SRC (beta 0.8 / 0.9) on the two kept blocks with the closest originals (block 23's q
+    # projection is the nearest of all, benchmarks/results/leak_check/smollm2.json); alpha 0.9 keeps only them, so
+    # the test builds 14 SVDs instead of 91. Every emulator matrix is still checked against all 182 originals.
     model = load_model("smollm2-135m-instruct")
     middle = list(range(2, 28))
     harmonizers = make_harmonizers(576, middle, 64, seed=0)
-    scores = torch.linspace(-1, 1, len(middle), dtype=torch.float64)
-    emulator, plan = build_scaleot_emulator(model, scores, harmonizers, 4, 0.5, 0.8, 0.9, 64)
+    scores = torch.tensor([1.0 if i in (20, 23) else -1.0 for i in middle], dtype=torch.float64)
+    emulator, plan = build_scaleot_emulator(model, scores, harmonizers, 4, 0.9, 0.8, 0.9, 64)
+    assert [s for s, k in plan.middle if k == "block"] == [20, 23]
     start = time.perf_counter()
     near = check_no_original(emulator.state_dict(), model, plan)
     assert time.perf_counter() - start < 60
-    assert min(c.rel_error for c in near.values()) > DEFAULT_MIN_REL_ERROR
+    assert 0.019 < min(c.rel_error for c in near.values()) < 0.02
     state = dict(emulator.state_dict())
     state["smuggled"] = get_blocks(model)[9].mlp.gate_proj.weight.detach()[:, torch.randperm(576)]
     assert find_original_tensors(state, model, plan) == ["smuggled"]
