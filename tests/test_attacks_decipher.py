@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,23 @@ def test_decipher_refuses_bad_arguments():
         decipher([[1, 2]], [[1, 2]], 4, plain_factor=0.5)
     with pytest.raises(ValueError, match="empty"):
         decipher([[1, 2]], [[]], 4, strip=False)
+
+
+@pytest.mark.parametrize(
+    ("marker", "result"),
+    [
+        ("decipher-shaking", "benchmarks/results/decipher_shaking/decipher.md"),
+    ],
+)
+def test_docs_figures_are_copied_from_result_files(marker, result):
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "privacy_audit.md").read_text()
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    assert start in doc and end in doc, f"docs/privacy_audit.md lacks the {marker} section"
+    section = doc.split(start)[1].split(end)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert rows, f"the {marker} section has no table"
+    source = (root / result).read_text()
+    for row in rows:
+        assert row in source, f"{row!r} is not in {result}"
+    assert result in section  # the doc names the file its figures come from
