@@ -133,6 +133,7 @@ def test_decipher_refuses_bad_arguments():
     ("marker", "result"),
     [
         ("decipher-shaking", "benchmarks/results/decipher_shaking/decipher.md"),
+        ("membership-controls", "benchmarks/results/membership_controls/controls.md"),
     ],
 )
 def test_docs_figures_are_copied_from_result_files(marker, result):
