@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -187,6 +188,15 @@ class MembershipAudit(pl.Callback):
         for loader, dataset, idx in ((members, pools[0], idx_in), (nonmembers, pools[1], idx_out)):
             batch_size = self.batch_size or getattr(loader, "batch_size", None) or 16
             out.append(DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, collate_fn=loader.collate_fn))
+        for role, loader in zip(("member", "non-member"), out):
+            first = next(iter(loader))
+            if not isinstance(first, Mapping) or "input_ids" not in first:
+                kind = type(first).__name__ if not isinstance(first, Mapping) else f"dict with keys {sorted(first)}"
+                raise ContractError(
+                    f"MembershipAudit scores dict batches with `input_ids` (and `attention_mask`, `labels`), but the "
+                    f"{role} loader yields a {kind}. HINT: give `member_dataloader` / `nonmember_dataloader` whose "
+                    f"collate_fn returns such dicts (see {DOCS})."
+                )
         return out[0], out[1]
 
     def _statistics(self, pl_module: pl.LightningModule, loader: DataLoader) -> ExampleStatistics:
