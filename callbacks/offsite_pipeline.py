@@ -28,6 +28,7 @@ from privtune.recipes.offsite import (
     ScaleOTStage1,
     ScaleOTStage1Module,
     StageProgress,
+    check_task,
 )
 
 
@@ -135,6 +136,9 @@ class OffsitePipeline(pl.Callback):
                 f"{type(pl_module).__name__} has no `layer_importance` / `harmonizers`. HINT: use "
                 "HarmonizerImportance with LayerReplace, or leave `alphas` empty."
             )
+        model_name = getattr(pl_module, "model_name", None)
+        if isinstance(model_name, str):
+            check_task(self.settings, model_name)  # a bad task file or sizes fail here, not after stage 1
         self.trainers = NestedTrainers.from_trainer(trainer, self.settings.output_dir, self.settings.progress_every)
         self._provenance = run_provenance()  # the commit the run starts from
 

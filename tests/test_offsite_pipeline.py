@@ -455,3 +455,22 @@ def test_ablation_rows_are_the_default_config_with_only_the_arm_changed(tmp_path
     assert base == yaml.safe_load((REPO / "configs" / "default.yaml").read_text())  # the base is not mutated
     with pytest.raises(ValueError, match="unknown arm 'b'"):
         ablation.row_config(base, "b", "tweets", 0, tmp_path)
+
+
+class _NeverTrains(HarmonizerImportance):
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201 - Lightning's hook
+        raise AssertionError("stage 1 ran before the data owner's task was checked")
+
+
+@pytest.mark.parametrize("problem", ["missing_file", "oversized_train_size"])
+def test_a_bad_data_owner_task_fails_before_stage_1(tmp_path, synthetic_csv, tiny_trainer, problem) -> None:
+    if problem == "missing_file":
+        with pytest.raises(ValueError, match="no such file"):
+            _pipeline(tmp_path / "report", tmp_path / "absent.csv")
+        return
+    export = EmulatorExport(str(tmp_path / "emu"), adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=0.75)
+    pipeline = _pipeline(tmp_path / "report", synthetic_csv, train_size=100_000)
+    with pytest.raises(ValueError, match="the data owner's task cannot be used.*train_size"):
+        tiny_trainer(max_steps=1, callbacks=[_replace(), export, pipeline]).fit(
+            _NeverTrains("tiny-llama"), datamodule=FixedLM()
+        )

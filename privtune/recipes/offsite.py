@@ -162,6 +162,8 @@ class PipelineSettings:
         problems = []
         if self.task not in ("tweets", "bbc_news") and not self.task.endswith((".csv", ".tsv", ".jsonl", ".json")):
             problems.append(f"`task={self.task!r}` must be 'tweets', 'bbc_news' or a .csv/.tsv/.jsonl/.json file")
+        if self.task not in ("tweets", "bbc_news") and not Path(self.task).is_file():
+            problems.append(f"`task={self.task!r}`: no such file (give the data owner's CSV / TSV / JSON-lines file)")
         if self.task not in ("tweets", "bbc_news") and not self.label_words:
             problems.append("a file `task` needs `label_words` (one single-token word per class)")
         if self.tuning not in ("full", "lora"):
@@ -460,6 +462,18 @@ def make_datamodule(settings: PipelineSettings, model_name: str) -> pl.Lightning
         label_names=settings.label_names,
         **common,
     )
+
+
+def check_task(settings: PipelineSettings, model_name: str) -> None:
+    """Read and split the data owner's task once, so that a bad file or sizes the data cannot give fail before stage 1.
+
+    Raises:
+        ValueError: naming the file or the size argument, as the datamodule words it, prefixed with the pipeline.
+    """
+    try:
+        make_datamodule(settings, model_name).setup("fit")
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"OffsitePipeline: the data owner's task cannot be used: {err}") from err
 
 
 def plugged_classifier(model_name: str, adapter_dir: str | Path) -> TextClassifier:
