@@ -26,19 +26,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # label -> (output folder, overrides of trainer.strategy.init_args.federated)
 METHODS: dict[str, tuple[str, list[str]]] = {
-    "FedPepTAO (50% layers)": ("fedpeptao", ["server=fedpeptao", "layers=fedpeptao"]),
-    "FedAvg (all layers)": ("fedavg", ["server=fedavg", "layers=all"]),
-    "FedProx mu=0.01 (all layers)": ("fedprox_mu_0_01", ["server=fedprox", "layers=all", "mu=0.01"]),
-    "SCAFFOLD (all layers)": ("scaffold", ["server=scaffold", "layers=all"]),
-    "FedAdam (all layers)": ("fedadam", ["server=fedadam", "layers=all"]),
+    "FedPepTAO (50% layers)": ("fedpeptao", ["server=privtune.federated.FedPepTAOServer", "layers=fedpeptao"]),
+    "FedAvg (all layers)": ("fedavg", ["server=privtune.federated.FedAvg", "layers=all"]),
+    "FedProx mu=0.01 (all layers)": (
+        "fedprox_mu_0_01",
+        ["server=privtune.federated.FedAvg", "layers=all", "proximal_mu=0.01"],
+    ),
+    "SCAFFOLD (all layers)": ("scaffold", ["server=privtune.federated.Scaffold", "layers=all"]),
+    "FedAdam (all layers)": ("fedadam", ["server=privtune.federated.FedAdam", "layers=all"]),
     # spec §12 setting (b): FedPepTAO's layer selection with the FedAvg server isolates the selection gain
-    "FedAvg (FedPepTAO's 50% layers)": ("fedavg_selected", ["server=fedavg", "layers=fedpeptao"]),
+    "FedAvg (FedPepTAO's 50% layers)": ("fedavg_selected", ["server=privtune.federated.FedAvg", "layers=fedpeptao"]),
     "FedPepTAO clean preset (50% layers)": (
         "fedpeptao_clean",
-        ["server=fedpeptao", "layers=fedpeptao", "preset=clean"],
+        ["server=privtune.federated.FedPepTAOServer", "server.init_args.preset=clean", "layers=fedpeptao"],
     ),
 }
-DEFAULT_METHODS = list(METHODS)[:5]
+# The same-bytes control (FedAvg on FedPepTAO's layers) is part of every default comparison.
+DEFAULT_METHODS = list(METHODS)[:6]
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--server", default="fedpeptao")
+    parser.add_argument("--server", default="FedPepTAOServer", help="a server class of privtune.federated")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/federated_memory")
     args = parser.parse_args()
@@ -38,6 +38,7 @@ def main() -> None:
     import lightning.pytorch as pl
     import torch
 
+    import privtune.federated
     from privtune.datamodules import BBCNews, TweetsSentiment
     from privtune.datamodules.federated import FederatedDataModule
     from privtune.modules.prompt_tuning import PromptTuning
@@ -55,7 +56,7 @@ def main() -> None:
     config = FederatedConfig(
         num_rounds=args.rounds,
         sample_fraction=1.0,
-        server=args.server,
+        server=getattr(privtune.federated, args.server)(),
         layers="fedpeptao",
         local_max_steps=1,
         eval_every=args.rounds,

@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import importlib.util  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
@@ -67,3 +67,14 @@ def tiny_trainer(tmp_path: Any) -> Callable[..., pl.Trainer]:
         return pl.Trainer(**kwargs)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    """Undo what a test's libraries write into ``os.environ`` (Ray sets ``PYTHONPATH`` for its workers), so that
+    later tests' subprocesses start from the environment the suite started with."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
