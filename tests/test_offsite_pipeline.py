@@ -103,7 +103,7 @@ def test_stage1_kill_and_resume_reaches_the_same_scores_and_harmonizers(tmp_path
     tiny_trainer(max_epochs=1, limit_val_batches=0, callbacks=callbacks, enable_checkpointing=True).fit(
         first, datamodule=FixedLM()
     )
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert all(k.startswith(("harmonizers.", "layer_importance")) for k in saved["state_dict"])  # small checkpoint
     resumed = HarmonizerImportance("tiny-llama", lr=1e-2)
     cb2 = _replace(warm_start_batches=2)
