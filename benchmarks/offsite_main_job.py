@@ -39,13 +39,15 @@ def main() -> None:
     provenance = run_provenance()  # the commit the run starts from, not the one it ends on
     load_before = os.getloadavg()
     start = time.perf_counter()
-    with (out / "train.log").open("w") as log:
+    log_path = Path(args.report_dir) / "train.log"  # the raw log stays with the run (it holds local paths)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     wall = time.perf_counter() - start
     load_after = os.getloadavg()
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if code != 0:
-        raise SystemExit(f"train.py exited with {code}; see {out / 'train.log'}")
+        raise SystemExit(f"train.py exited with {code}; see {log_path}")
     for name in ("offsite_report.json", "offsite_report.md", "offsite_report.png"):
         if (Path(args.report_dir) / name).is_file():
             shutil.copy(Path(args.report_dir) / name, out / name)
