@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from privtune.emulator import build_scaleot_emulator, make_harmonizers
-from privtune.eval.offsite_report import run_provenance
+from privtune.eval.provenance import run_provenance
 from privtune.models import get_blocks
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, without sparsity.

@@ -27,7 +27,7 @@ from privtune.emulator.leak_check import (
     nearest_originals,
     original_middle_matrices,
 )
-from privtune.eval.offsite_report import run_provenance
+from privtune.eval.provenance import run_provenance
 from privtune.models import get_blocks, load_model
 
 VARIANTS = {

@@ -40,7 +40,7 @@ import privtune.modules  # noqa: F401
 from privtune.callbacks.offsite_pipeline import OffsitePipeline
 from privtune.callbacks.offsite_tuning import EmulatorExport
 from privtune.emulator import install_switches, lm_loss, make_harmonizers, remove_switches, set_replace_mask
-from privtune.eval.offsite_report import run_provenance
+from privtune.eval.provenance import run_provenance
 from privtune.models import get_blocks, load_model
 
 

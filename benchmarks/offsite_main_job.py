@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from privtune.eval.offsite_report import run_provenance
+from privtune.eval.provenance import run_provenance
 
 
 def main() -> None:

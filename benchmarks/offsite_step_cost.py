@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from privtune.eval.offsite_report import run_provenance
+from privtune.eval.provenance import run_provenance
 
 
 def _child(mode: str, model_name: str, emulator_dir: str | None, steps: int, batch: int, length: int) -> dict:

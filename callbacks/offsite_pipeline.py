@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from privtune.callbacks.offsite_tuning import EmulatorExport
-from privtune.eval.offsite_report import run_provenance
+from privtune.eval.provenance import run_provenance
 from privtune.recipes.offsite import (
     EmulatorKnobs,
     NestedTrainers,

@@ -243,6 +243,7 @@ MISMATCHES = {
     "server arguments": ({"server": FedAdam(eta=0.1)}, {"server": FedAdam(eta=0.2)}, "`server_args`: checkpoint"),
     "layer selection": ({}, {"selected_layers": [0, 1]}, "`selected_layers`: checkpoint [0, 2], this run [0, 1]"),
     "seed": ({}, {"seed": 7}, "`seed`: checkpoint 42, this run 7"),
+    "personal layers": ({}, {"personal_layers": False}, "`personal_layers`: checkpoint True, this run False"),
     "client dp": (
         {},
         {"client_dp": ClientLevelDP(clipping_norm=0.1, noise_multiplier=1.0)},
@@ -354,3 +355,35 @@ def test_server_recommendations_reach_the_clients() -> None:
     scaffold = FederatedLoop(_config(server=Scaffold(), client_lr=0.03))
     scaffold.setup(ToyClient(), ToyData())
     assert scaffold.server.eta_l == 0.03  # option II uses the clients' learning rate unless given
+
+
+def test_without_personal_layers_the_unselected_layers_stay_at_their_initial_values() -> None:
+    initial = ToyClient().prefix.detach().clone()
+    loop = _run(_config(personal_layers=False, client_weight_decay=0.5))
+    trained = [c.prompt for c in loop.store.clients.values()]
+    assert trained
+    for prompt in trained:
+        # layer 1 is not communicated: frozen despite AdamW's weight decay; the selected layers 0 and 2 moved
+        assert torch.equal(prompt[:, 1], initial[:, 1])
+        assert not torch.equal(prompt[:, [0, 2]], initial[:, [0, 2]])
+    # every client's model is the global model: the two accuracies coincide
+    assert all(h["fed/global_acc"] == h["fed/personalized_acc"] for h in loop.history)
+    personal = _run(_config())
+    assert not torch.equal(personal.global_state["prefix"], loop.global_state["prefix"])
+
+
+def test_global_and_personalised_accuracy_are_reported_separately() -> None:
+    loop = _run(_config())
+    last = loop.history[-1]
+    assert 0.0 <= last["fed/global_acc"] <= 1.0 and 0.0 <= last["fed/personalized_acc"] <= 1.0
+    # global: the initial prompt with the global slices, the same for every client
+    manual = FederatedLoop(_config())
+    manual.setup(ToyClient(), ToyData())
+    manual.load_state_dict(loop.state_dict())
+    assert manual.evaluate(personalised=False) == last["fed/global_acc"]
+    for c in manual.store.clients.values():  # personal layers gone: every client holds the initial prompt
+        c.prompt = manual.store.initial_prompt.clone()
+    assert manual.evaluate() == last["fed/global_acc"]
+    # nothing personal (every tensor communicated): the two numbers coincide
+    whole = _run(_config(layers="all", selected_layers=None))
+    assert all(h["fed/global_acc"] == h["fed/personalized_acc"] for h in whole.history)

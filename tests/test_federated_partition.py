@@ -97,6 +97,7 @@ def test_report_summary_table_and_plots(tmp_path) -> None:
             {
                 "round": float(r + 1),
                 "fed/personalized_acc": a,
+                "fed/global_acc": a - 0.1,
                 "comm/cum_up_bytes": bytes_per_round * (r + 1),
                 "comm/cum_down_bytes": bytes_per_round * (r + 1),
             }
@@ -109,9 +110,10 @@ def test_report_summary_table_and_plots(tmp_path) -> None:
     a = run("a", [0.2, 0.7, 0.6], 10)
     s = summarize(a, target=0.65)
     assert (s["final_acc"], s["best_acc"], s["rounds_to_target"], s["total_bytes"]) == (0.6, 0.7, 2, 60)
+    assert s["final_global_acc"] == pytest.approx(0.5) and s["rounds_to_target_global"] is None
     assert summarize(a, target=0.9)["rounds_to_target"] is None
     table = write_comparison(tmp_path, [a, run("b", [0.1, 0.2, 0.3], 20)], target=0.65, title="t")
-    assert "| a | 1 | 0.6000 | 0.7000 | 2 | 60 |" in table
+    assert "| a | 1 | 0.6000 | 0.7000 | 0.5000 | 2 | 60 |" in table
     assert "not reached" in table and "epsilon" not in table
     assert (tmp_path / "comparison.json").exists()
     private = run("dp", [0.3, 0.4, 0.5], 10)
@@ -120,5 +122,5 @@ def test_report_summary_table_and_plots(tmp_path) -> None:
     assert summarize(private)["epsilon"] == 2.0
     table = write_comparison(tmp_path, [a, private], target=0.65, title="t")
     assert "client-level epsilon |" in table
-    assert "| dp | 1 | 0.5000 | 0.5000 | not reached | 60 | 1.0 | 2.0000 |" in table
-    assert "| a | 1 | 0.6000 | 0.7000 | 2 | 60 | 1.0 | n/a |" in table
+    assert "| dp | 1 | 0.5000 | 0.5000 | 0.4000 | not reached | 60 | 1.0 | 2.0000 |" in table
+    assert "| a | 1 | 0.6000 | 0.7000 | 0.5000 | 2 | 60 | 1.0 | n/a |" in table

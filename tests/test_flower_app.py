@@ -142,8 +142,8 @@ def assert_same_run(flower: FederatedLoop, reference: FederatedLoop) -> None:
     assert flower.ledger.summary()["up_bytes"] == reference.ledger.summary()["up_bytes"]
     assert flower.ledger.summary()["down_bytes"] == reference.ledger.summary()["down_bytes"]
     assert [r.reported for r in flower.ledger.rounds] == [r.reported for r in reference.ledger.rounds]
-    accs = [h.get("fed/personalized_acc") for h in flower.history]
-    assert accs == [h.get("fed/personalized_acc") for h in reference.history]
+    for key in ("fed/personalized_acc", "fed/global_acc"):
+        assert [h.get(key) for h in flower.history] == [h.get(key) for h in reference.history]
 
 
 SERVERS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -154,6 +154,7 @@ SERVERS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "fedyogi": ({"class_path": "privtune.federated.FedYogi"}, {}),
     "fedadagrad": ({"class_path": "privtune.federated.FedAdagrad"}, {}),
     "fedprox": ({"class_path": "privtune.federated.FedAvg"}, {"proximal_mu": 0.01}),
+    "no-personal-layers": ({"class_path": "privtune.federated.FedAvg"}, {"personal_layers": False}),
     "scaffold": ({"class_path": "privtune.federated.Scaffold"}, {"layers": "list", "selected_layers": [0, 3]}),
     "stragglers-and-dropout": (
         {"class_path": "privtune.federated.FedAvg"},

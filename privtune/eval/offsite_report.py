@@ -19,11 +19,8 @@ plain dicts in, JSON / Markdown / PNG out.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import subprocess
-import sys
 import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,24 +38,6 @@ SETTINGS: dict[str, str] = {
 def privacy_gap(plug_in_acc: float, emulator_ft_acc: float) -> float:
     """``Δ = plug-in − emulator FT``, in accuracy points (inputs are fractions in [0, 1])."""
     return 100.0 * (plug_in_acc - emulator_ft_acc)
-
-
-def run_provenance() -> dict[str, Any]:
-    """What produced a result file: the command line, the git commit (with a ``-dirty`` mark) and the UTC date."""
-    commit: str | None = None
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
-        )
-        commit = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        commit = None  # not a git checkout: recorded as unknown
-    return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": commit,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def wilson_interval(acc: float, n: int, z: float = 1.96) -> tuple[float, float]:

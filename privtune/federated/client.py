@@ -157,6 +157,7 @@ def local_update(
     optimizer_state: dict[str, Any] | None = None,
     grad_hook: Callable[[list[Tensor]], None] | None = None,
     max_steps: int | None = None,
+    post_step: Callable[[list[Tensor]], None] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Run the local steps on ``param`` in place.
 
@@ -168,6 +169,7 @@ def local_update(
         optimizer_state: the client's saved optimizer state (ignored when ``config.reset_optimizer``).
         grad_hook: called with ``params`` after backward and before clipping (FedProx, SCAFFOLD corrections).
         max_steps: overrides ``config.max_steps`` (stragglers run fewer steps).
+        post_step: called with ``params`` after every optimizer step (restores frozen slices).
 
     Returns:
         ``(K_i, optimizer_state)``: steps taken and the optimizer's new state.
@@ -194,6 +196,8 @@ def local_update(
             if config.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
             optimizer.step()
+            if post_step is not None:
+                post_step(params)
             steps += 1
     for p in params:
         p.grad = None

@@ -44,6 +44,9 @@ class FederatedConfig:
             disables it. FedProx is ``server: FedAvg`` with ``proximal_mu > 0``.
         layers: ``all`` (every layer's prefix is federated), ``fedpeptao`` (score and select), or ``list``.
         selected_layers: the layers for ``layers: list``.
+        personal_layers: with ``layers: fedpeptao`` or ``list``, each client trains and keeps its unselected layers
+            (FedPepTAO's personalisation, the default); ``False`` freezes them at their initial values (no effect with
+            ``layers: all``).
         num_selected_layers: ``k`` for ``layers: fedpeptao`` (``None``: from ``selection_ratio``).
         selection_ratio: ``r`` with ``k = round(r L)``; ``None`` estimates it by SLQ of the prompt Hessian.
         slq_iterations: Lanczos iterations of the SLQ estimate.
@@ -82,6 +85,7 @@ class FederatedConfig:
     proximal_mu: float = 0.0
     layers: LayerChoice = "all"
     selected_layers: list[int] | None = None
+    personal_layers: bool = True
     num_selected_layers: int | None = None
     selection_ratio: float | None = 0.5
     slq_iterations: int = 50

@@ -86,10 +86,19 @@ class CommunicatedView:
         prompt_name: the layered prompt tensor (``[P, L, ...]``, layers on axis 1) of a partial-prompt client, or
             ``None`` when every tensor is communicated whole.
         selected: the communicated layers of that tensor (FedPepTAO's selection; all layers otherwise).
+        personal_layers: the unselected layers are trained locally and kept by each client (FedPepTAO's
+            personalisation); ``False`` freezes them at their initial values, so the selected layers are the only
+            trained part (the same-bytes control without personalisation).
     """
 
     prompt_name: str | None = None
     selected: list[int] = dataclasses.field(default_factory=list)
+    personal_layers: bool = True
+
+    def unselected(self, tensor: Tensor) -> list[int]:
+        """The layers of the layered prompt ``tensor`` that are not communicated."""
+        chosen = set(self.selected)
+        return [i for i in range(tensor.shape[1]) if i not in chosen]
 
     def of(self, name: str, tensor: Tensor) -> Tensor:
         """The communicated part of ``tensor`` (a copy for the prompt's layer slices, the tensor itself else)."""
@@ -182,8 +191,19 @@ def local_round(
         c_i = state.control_variate or {k: torch.zeros_like(v) for k, v in global_state.items()}
         corrections.append(DriftCorrection(control_variate, c_i))
 
+    frozen: list[int] = []
+    names_index, initial = 0, torch.empty(0)
+    if view.prompt_name is not None and not view.personal_layers:
+        frozen = view.unselected(params[view.prompt_name])
+        names_index = names.index(view.prompt_name)
+        initial = params[view.prompt_name].detach()[:, frozen].clone()
+
     def grad_hook(ps: list[Tensor]) -> None:
         with torch.no_grad():
+            if frozen and ps[names_index].grad is not None:
+                ps[names_index].grad[:, frozen] = 0.0  # before clipping: frozen layers add nothing to the norm
+            if not corrections:
+                return
             grads = {n: view.of(n, p.grad) for n, p in zip(names, ps) if p.grad is not None}
             values = {n: view.of(n, p.detach()) for n, p in zip(names, ps) if p.grad is not None}
             for correction in corrections:
@@ -191,6 +211,10 @@ def local_round(
             for n, p in zip(names, ps):
                 if n in grads:
                     view.write(n, p.grad, grads[n])
+
+    def restore_frozen(ps: list[Tensor]) -> None:
+        with torch.no_grad():
+            ps[names_index][:, frozen] = initial  # undo AdamW's decoupled weight decay on the frozen layers
 
     client.train()
     with torch.random.fork_rng(devices=[]):
@@ -201,8 +225,9 @@ def local_round(
             client.client_loss,
             config,
             optimizer_state=state.optimizer,
-            grad_hook=grad_hook if corrections else None,
+            grad_hook=grad_hook if corrections or frozen else None,
             max_steps=max_steps,
+            post_step=restore_frozen if frozen else None,
         )
     upload = view.upload(params)
     extras: State = {}
@@ -312,11 +337,11 @@ class FederatedLoop:
         self.client_dp = self._plan_client_dp()
         if self._restored is not None:
             restored, self._restored = self._restored, None
-            self.view = CommunicatedView(prompt_name, list(restored["selected"]))
+            self.view = CommunicatedView(prompt_name, list(restored["selected"]), cfg.personal_layers)
             self.load_state_dict(restored)
             return
         self.selected = self._choose_layers(client, data) if partial else []
-        self.view = CommunicatedView(prompt_name, list(self.selected))
+        self.view = CommunicatedView(prompt_name, list(self.selected), cfg.personal_layers)
         self.store = ClientStore(initial_prompt=self.view.personal(params))
         self.global_state = self.view.upload(params)
 
@@ -347,7 +372,7 @@ class FederatedLoop:
         self.local = cfg.local_config(self.server)
         self.client_dp = self._plan_client_dp()
         self.selected = list(selected)
-        self.view = CommunicatedView(prompt_name, list(selected))
+        self.view = CommunicatedView(prompt_name, list(selected), cfg.personal_layers)
         self.global_state = {k: v.detach().clone() for k, v in global_state.items()}
         if self._restored is not None:
             restored, self._restored = self._restored, None
@@ -554,12 +579,23 @@ class FederatedLoop:
         self.pending = None
         if r % cfg.eval_every == 0 or r == cfg.num_rounds:
             metrics["fed/personalized_acc"] = self.evaluate(rank, world_size, gather)
+            metrics["fed/global_acc"] = (
+                self.evaluate(rank, world_size, gather, personalised=False)
+                if self.view.prompt_name is not None
+                else metrics["fed/personalized_acc"]  # nothing personal: the global model is every client's model
+            )
         self.history.append(dict(metrics))
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, rank: int = 0, world_size: int = 1, gather: Gather = _single) -> float:
-        """Personalised accuracy: every client's own prompt with the global part, pooled over clients."""
+    def evaluate(
+        self, rank: int = 0, world_size: int = 1, gather: Gather = _single, *, personalised: bool = True
+    ) -> float:
+        """Accuracy pooled over every client's evaluation split (together: the whole evaluation split).
+
+        Personalised: each client's own prompt with the global part. Global (``personalised=False``): the initial
+        prompt with the global part on every client, i.e. the global model alone, what a new client receives.
+        """
         client, data, store, _ = self._ready()
         client.eval()
         correct = total = 0
@@ -567,7 +603,8 @@ class FederatedLoop:
             loader = data.client_eval_loader(cid)
             if _num_items(loader) == 0:
                 continue
-            self.view.load(client.client_parameters(), store.get(cid).prompt, self.global_state)
+            own = store.get(cid).prompt if personalised else store.initial_prompt
+            self.view.load(client.client_parameters(), own, self.global_state)
             for batch in loader:
                 c, t = client.evaluate_batch(batch)
                 correct += int(c)
@@ -598,6 +635,7 @@ class FederatedLoop:
             "seed": cfg.seed,
             "sample_fraction": cfg.sample_fraction,
             "proximal_mu": cfg.proximal_mu,
+            "personal_layers": cfg.personal_layers,
             "client_dp": _dp_settings(cfg.client_dp),
         }
 
@@ -630,6 +668,7 @@ class FederatedLoop:
                 "The federated checkpoint has no run fingerprint (client count, server, layers, seed), so it cannot "
                 "be checked against this run; start a new run."
             )
+        saved = {"personal_layers": True, **saved}  # checkpoints from before the option had personal layers
         now = self.fingerprint()
         diffs = [f"`{k}`: checkpoint {saved.get(k)!r}, this run {now[k]!r}" for k in now if saved.get(k) != now[k]]
         if diffs:

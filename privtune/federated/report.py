@@ -2,7 +2,9 @@
 
 Summaries follow FedPepTAO's evaluation (arXiv 2310.15080, spec §10-§11): personalised accuracy per round, the
 best over rounds (optimistic on test, as in the paper) next to the final-round value, rounds to reach a target
-accuracy, and the bytes communicated. matplotlib is optional; without it only JSON and Markdown are written.
+accuracy, and the bytes communicated; and beside it the global accuracy (the global prompt alone, on the pooled
+evaluation split), which does not credit a method's personal layers. matplotlib is optional; without it only JSON
+and Markdown are written.
 
 Threat model: none; reports hold metrics and configuration only, never data or prompts.
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 ACC = "fed/personalized_acc"
+GLOBAL_ACC = "fed/global_acc"
 
 
 def summarize(run: dict[str, Any], target: float | None = None) -> dict[str, Any]:
@@ -23,6 +26,9 @@ def summarize(run: dict[str, Any], target: float | None = None) -> dict[str, Any
     spent = [h["privacy/epsilon"] for h in run["history"] if "privacy/epsilon" in h]
     accs = [a for _, a in points]
     reach = next((int(r) for r, a in points if target is not None and a >= target), None)
+    global_points = [(h["round"], h[GLOBAL_ACC]) for h in run["history"] if GLOBAL_ACC in h]
+    global_accs = [a for _, a in global_points]
+    global_reach = next((int(r) for r, a in global_points if target is not None and a >= target), None)
     ledger = run["ledger"]
     return {
         "server": run["server"],
@@ -30,6 +36,9 @@ def summarize(run: dict[str, Any], target: float | None = None) -> dict[str, Any
         "final_acc": accs[-1] if accs else None,
         "best_acc": max(accs) if accs else None,
         "rounds_to_target": reach,
+        "final_global_acc": global_accs[-1] if global_accs else None,
+        "best_global_acc": max(global_accs) if global_accs else None,
+        "rounds_to_target_global": global_reach,
         "up_bytes": ledger["up_bytes"],
         "down_bytes": ledger["down_bytes"],
         "total_bytes": ledger["total_bytes"],
@@ -44,11 +53,11 @@ def markdown_table(summaries: Sequence[dict[str, Any]], target: float | None = N
     """One Markdown table row per run; an epsilon column when a run used client-level DP."""
     with_eps = any(s.get("epsilon") is not None for s in summaries)
     head = (
-        "| method | layers | final acc | best acc | rounds to "
+        "| method | layers | final pers. acc | best pers. acc | final global acc | pers. rounds to "
         + (f"{target:.2f}" if target is not None else "target")
         + " | bytes up+down | sim. time (s) |"
         + (" client-level epsilon |" if with_eps else "")
-        + "\n|---|---|---|---|---|---|---|"
+        + "\n|---|---|---|---|---|---|---|---|"
         + ("---|" if with_eps else "")
         + "\n"
     )
@@ -58,6 +67,7 @@ def markdown_table(summaries: Sequence[dict[str, Any]], target: float | None = N
         eps = s.get("epsilon")
         rows.append(
             f"| {s['label']} | {s['num_selected_layers']} | {fmt(s['final_acc'])} | {fmt(s['best_acc'])} | "
+            f"{fmt(s.get('final_global_acc'))} | "
             f"{s['rounds_to_target'] if s['rounds_to_target'] is not None else 'not reached'} | "
             f"{s['total_bytes']:,} | {s['round_seconds_total']:.1f} |"
             + ((" inf |" if eps == float("inf") else f" {fmt(eps)} |") if with_eps else "")

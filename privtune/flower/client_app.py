@@ -95,7 +95,8 @@ def _load_state(context: Context, side: ClientSide, view: CommunicatedView) -> C
 
 def _view(config: ConfigRecord) -> CommunicatedView:
     name = str(config["prompt-name"])
-    return CommunicatedView(name or None, [int(i) for i in config["selected"]])  # type: ignore[union-attr]
+    personal = bool(config.get("personal-layers", True))
+    return CommunicatedView(name or None, [int(i) for i in config["selected"]], personal)  # type: ignore[union-attr]
 
 
 def make_client_app(config: str | Path | None = None) -> ClientApp:
@@ -194,13 +195,17 @@ def make_client_app(config: str | Path | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         side, cid = side_and_id(msg, context)
-        view = _view(msg.content["config"])
+        cfg = msg.content["config"]
+        view = _view(cfg)
         global_state = from_record(msg.content["arrays"])
         client = side.client
+        # personalised: this node's own prompt; global: the initial prompt (the global model alone)
+        personalised = bool(cfg.get("personalised", True))
+        own = _load_state(context, side, view).prompt if personalised else view.personal(side.initial)
         correct = total = 0
         with torch.no_grad():
             client.eval()
-            view.load(client.client_parameters(), _load_state(context, side, view).prompt, global_state)
+            view.load(client.client_parameters(), own, global_state)
             for batch in side.data.client_eval_loader(cid):
                 c, t = client.evaluate_batch(batch)
                 correct += int(c)

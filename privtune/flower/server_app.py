@@ -216,7 +216,7 @@ class FlowerServer:
                 loop.ratio = cfg.selection_ratio
                 k = num_layers_from_ratio(float(cfg.selection_ratio), num_layers)  # type: ignore[arg-type]
             loop.selected = select_layers(rank_layers(total), k)
-        loop.view = CommunicatedView(prompt_name, list(loop.selected))
+        loop.view = CommunicatedView(prompt_name, list(loop.selected), cfg.personal_layers)
         loop.global_state = loop.view.upload(initial)
         self.examples = {c: int(info[c].content["metrics"]["num-examples"]) for c in range(self.num_clients)}  # type: ignore[arg-type]
 
@@ -229,6 +229,7 @@ class FlowerServer:
                 "seed": self.config.seed,
                 "prompt-name": loop.view.prompt_name or "",
                 "selected": [int(i) for i in loop.view.selected],
+                "personal-layers": bool(loop.view.personal_layers),
                 "proximal-mu": float(self.config.proximal_mu),
             }
         )
@@ -275,6 +276,11 @@ class FlowerServer:
         metrics["flower/down_record_bytes"] = float(_record_bytes(down))
         if r % cfg.eval_every == 0 or r == cfg.num_rounds:
             metrics["fed/personalized_acc"] = self.evaluate(grid)
+            metrics["fed/global_acc"] = (
+                self.evaluate(grid, personalised=False)
+                if loop.view.prompt_name is not None
+                else metrics["fed/personalized_acc"]
+            )
         loop.history.append(dict(metrics))
         return metrics
 
@@ -282,11 +288,13 @@ class FlowerServer:
         node = reply.metadata.src_node_id
         return next(c for c, n in self.node_of.items() if n == node)
 
-    def evaluate(self, grid: Grid) -> float:
-        """Personalised accuracy over every client (pooled correct / total)."""
+    def evaluate(self, grid: Grid, personalised: bool = True) -> float:
+        """Accuracy over every client (pooled correct / total): each client's own prompt with the global part, or
+        (``personalised=False``) the initial prompt with the global part (the global model alone)."""
         loop = self.loop
         arrays = to_record(loop.global_state)
         config = self._round_config(loop.round)
+        config["personalised"] = bool(personalised)
         messages = [
             Message(
                 RecordDict({"arrays": arrays, "config": config}),
