@@ -24,7 +24,6 @@ are ``(epsilon, delta)``-DP at the client level.
 
 from __future__ import annotations
 
-import copy
 import json
 import secrets
 import time
@@ -145,13 +144,14 @@ class FlowerServer:
         self.node_wait_seconds = node_wait_seconds
         self.node_of: dict[int, int] = {}  # client id -> SuperNode id
         self.wire_bytes: list[dict[str, int]] = []
+        self.timing: dict[str, float] = {}  # wall clock of the ServerApp: start (unix time), set-up seconds
 
     # ------------------------------------------------------------------ set-up
     def _config_record(self, **extra: Any) -> ConfigRecord:
         return ConfigRecord({"partial": self.config.layers != "all", **extra})
 
     def setup(self, grid: Grid) -> None:
-        """Find the clients, check they agree, choose the layers and bind the server optimizer."""
+        """Find the clients, check they agree, choose the layers; :meth:`FederatedLoop.setup_server` does the rest."""
         cfg, loop = self.config, self.loop
         nodes = wait_for_nodes(grid, self.num_clients, self.node_wait_seconds)
         query = self._config_record(
@@ -189,36 +189,36 @@ class FlowerServer:
                 )
         prompt_name = str(first["info"]["prompt-name"]) or None
         num_layers = int(first["metrics"]["num-prompt-layers"])  # type: ignore[arg-type]
-        loop.num_clients = self.num_clients
-        loop.server = copy.deepcopy(cfg.server)
-        loop.server.bind(
-            num_clients=self.num_clients,
-            prompt_names=[prompt_name] if prompt_name is not None else list(initial),
-            client_lr=cfg.resolved_client_lr(loop.server),
-        )
-        loop.local = cfg.local_config(loop.server)
-        if getattr(cfg, "client_dp", None) is not None:
-            loop.client_dp = loop._plan_client_dp()  # the loop's own planning (cohort, q, rounds)
-        if prompt_name is None:
-            loop.selected = []
-        elif cfg.layers == "all":
-            loop.selected = list(range(num_layers))
-        elif cfg.layers == "list":
-            loop.selected = list(cfg.selected_layers or [])
-        else:
-            scores = [list(info[c].content["metrics"]["layer-scores"]) for c in range(self.num_clients)]  # type: ignore[arg-type]
-            sizes = [int(info[c].content["metrics"]["num-examples"]) for c in range(self.num_clients)]  # type: ignore[arg-type]
-            total = aggregate_layer_scores([torch.tensor(s) for s in scores], sizes)
-            loop.layer_scores = [float(s) for s in total]
-            if cfg.num_selected_layers is not None:
-                k = cfg.num_selected_layers
-            else:
-                loop.ratio = cfg.selection_ratio
-                k = num_layers_from_ratio(float(cfg.selection_ratio), num_layers)  # type: ignore[arg-type]
-            loop.selected = select_layers(rank_layers(total), k)
-        loop.view = CommunicatedView(prompt_name, list(loop.selected), cfg.personal_layers)
-        loop.global_state = loop.view.upload(initial)
+        selected = self.choose_layers(info, prompt_name, num_layers)
+        # everything else (server optimizer, local settings, client-level DP, communicated view) as in the loop
+        view = CommunicatedView(prompt_name, selected, cfg.personal_layers)
+        loop.setup_server(self.num_clients, view.upload(initial), prompt_name=prompt_name, selected=selected)
         self.examples = {c: int(info[c].content["metrics"]["num-examples"]) for c in range(self.num_clients)}  # type: ignore[arg-type]
+
+    def choose_layers(self, info: dict[int, Message], prompt_name: str | None, num_layers: int) -> list[int]:
+        """The communicated prompt layers, from the clients' ``query`` replies (the Flower-specific part of set-up).
+
+        As :meth:`FederatedLoop._choose_layers` in one process: every layer, the configured list, or FedPepTAO's
+        choice (spec §5: the clients' layer scores weighted by their example counts, top ``k``). The server sees
+        only the scores and counts, never the clients' text. Sets the loop's ``layer_scores`` and ``ratio``.
+        """
+        cfg, loop = self.config, self.loop
+        if prompt_name is None:
+            return []
+        if cfg.layers == "all":
+            return list(range(num_layers))
+        if cfg.layers == "list":
+            return list(cfg.selected_layers or [])
+        scores = [list(info[c].content["metrics"]["layer-scores"]) for c in range(self.num_clients)]  # type: ignore[arg-type]
+        sizes = [int(info[c].content["metrics"]["num-examples"]) for c in range(self.num_clients)]  # type: ignore[arg-type]
+        total = aggregate_layer_scores([torch.tensor(s) for s in scores], sizes)
+        loop.layer_scores = [float(s) for s in total]
+        if cfg.num_selected_layers is not None:
+            k = cfg.num_selected_layers
+        else:
+            loop.ratio = cfg.selection_ratio
+            k = num_layers_from_ratio(float(cfg.selection_ratio), num_layers)  # type: ignore[arg-type]
+        return select_layers(rank_layers(total), k)
 
     # ------------------------------------------------------------------ rounds
     def _round_config(self, round_idx: int) -> ConfigRecord:
@@ -237,6 +237,7 @@ class FlowerServer:
     def run_round(self, grid: Grid) -> dict[str, float]:
         """One round over the SuperNodes; returns the loop's metrics plus Flower's record bytes."""
         cfg, loop = self.config, self.loop
+        start = time.perf_counter()
         r = loop.round + 1
         plan = loop.plan(r)
         scaffold = isinstance(loop.server, Scaffold)
@@ -281,6 +282,7 @@ class FlowerServer:
                 if loop.view.prompt_name is not None
                 else metrics["fed/personalized_acc"]
             )
+        metrics["flower/round_wall_seconds"] = time.perf_counter() - start  # messages, client processes, server step
         loop.history.append(dict(metrics))
         return metrics
 
@@ -310,7 +312,10 @@ class FlowerServer:
 
     def run(self, grid: Grid) -> dict[str, Any]:
         """Set up and run every round (stopping before one client-level DP does not allow); returns the report."""
+        self.timing["started_unix"] = time.time()
+        start = time.perf_counter()
         self.setup(grid)
+        self.timing["setup_seconds"] = time.perf_counter() - start
         loop = self.loop
         while loop.round < self.config.num_rounds:
             r = loop.round + 1
@@ -330,7 +335,7 @@ class FlowerServer:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in self.loop.global_state.items()}, out / "global_prompt.pt")
-        report = {"driver": "flower", **self.loop.report()}
+        report = {"driver": "flower", **self.loop.report(), "flower_timing": self.timing}
         (out / "report.json").write_text(json.dumps(report, indent=2, default=repr))
 
 

@@ -1,0 +1,335 @@
+"""What a Flower deployment round costs against the in-process round loop on the same clients.
+
+One config (a shrunk copy of ``configs/fed_prompt/fedpeptao_code.yaml``: FedPepTAO prompt tuning of
+all-MiniLM-L6-v2 on BBC News, by default 4 clients all sampled every round, 3 rounds, 32 training examples per client)
+runs twice with the same seed:
+
+* in-process: :class:`privtune.federated.loop.FederatedLoop` over one client model (what ``train.py`` runs);
+* deployment: one ``flower-superlink`` and one ``flower-supernode`` per client (insecure mode, localhost, free ports,
+  as ``tests/test_flower_deployment.py``), the run submitted with ``flwr run``; per-round wall time as the ServerApp
+  measures it (``flower/round_wall_seconds`` in its ``report.json``: messages, ClientApp processes, server step).
+
+Process start-up (SuperLink launch to the ServerApp's first line) and set-up (the ``query`` round: every node builds
+the model and scores its layers; in-process: building the model and the loop's layer scoring) are reported apart
+from the rounds. The last round includes the final evaluation in both drivers. The final global prompts are compared
+(max abs difference). Every process started here is stopped (its whole process group) at the end, also on errors.
+
+Threat model: none (a timing benchmark on localhost; insecure mode is for local testing only).
+
+Usage (the committed result; about 3-5 minutes on 2 shared cores)::
+
+    nice -n 5 python benchmarks/flower_round_overhead.py --out benchmarks/results/flower_round_overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+BIN = Path(sys.executable).parent
+
+
+def derived_config(base: Path, folder: Path, clients: int, rounds: int, per_client: int) -> Path:
+    """``base`` with ``clients`` clients all sampled, ``rounds`` rounds and ``per_client`` training examples each
+    (no report or partition files), written to ``folder/config.yaml``."""
+    raw = yaml.safe_load(base.read_text())
+    raw["trainer"].pop("default_root_dir", None)
+    fed = raw["trainer"]["strategy"]["init_args"]["federated"]
+    fed.update(num_rounds=rounds, sample_fraction=1.0, eval_every=rounds)
+    fed.pop("report_dir", None)
+    data = raw["data"]["init_args"]
+    data["num_clients"] = clients
+    data.pop("partition_dir", None)
+    data["datamodule"]["init_args"].update(train_size=per_client * clients, val_size=16, test_size=16 * clients)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def in_process(config: Path) -> dict[str, Any]:
+    """The in-process loop on ``config``: model build, set-up (layer scoring) and per-round wall seconds."""
+    from privtune.federated.loop import FederatedLoop
+    from privtune.flower.run import build_client_side, federated_config, read_config
+
+    start = time.perf_counter()
+    raw = read_config(config)
+    cfg = federated_config(raw)
+    side = build_client_side(raw, partial=cfg.layers != "all")
+    build = time.perf_counter() - start
+    loop = FederatedLoop(cfg)
+    start = time.perf_counter()
+    loop.setup(side.client, side.data)
+    setup = time.perf_counter() - start
+    rounds = []
+    while True:
+        start = time.perf_counter()
+        if not loop.run_round():
+            break
+        rounds.append(time.perf_counter() - start)
+    return {
+        "build_seconds": build,
+        "setup_seconds": setup,
+        "round_seconds": rounds,
+        "selected_layers": loop.selected,
+        "global_state": {k: v.detach().clone() for k, v in loop.global_state.items()},
+        "personalized_acc": loop.history[-1].get("fed/personalized_acc"),
+    }
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    """Return once something listens on ``port``; ``TimeoutError`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[list[subprocess.Popen]]:
+    """A list to put started processes in (each in its own session); all are stopped, group and all, on exit."""
+    started: list[subprocess.Popen] = []
+    try:
+        yield started
+    finally:
+        for proc in reversed(started):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in started:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for proc in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def write_app(folder: Path, config: Path, out: Path) -> Path:
+    """A Flower app project: privtune's apps by import path, the privtune config in the run config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "privtune-fedprompt"\nversion = "1.0.0"\ndescription = "privtune on Flower"\n'
+        'license = "Apache-2.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "privtune"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "privtune.flower.server_app:app"\n'
+        'clientapp = "privtune.flower.client_app:app"\n\n'
+        f'[tool.flwr.app.config]\nconfig = "{config}"\noutput-dir = "{out}"\nnode-wait-seconds = 300\n'
+        "reproducible-noise = false\n"
+    )
+    return folder
+
+
+def deployment(config: Path, folder: Path, clients: int, timeout: float) -> dict[str, Any]:
+    """One SuperLink and ``clients`` SuperNodes on localhost running ``config``; the ServerApp's report and times."""
+    import torch
+
+    out = folder / "flower_out"
+    app = write_app(folder / "app", config, out)
+    home = folder / "flwr_home"
+    home.mkdir()
+    link = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    with process_group() as started:
+
+        def start(args: list[str], log: str) -> None:
+            handle = (folder / log).open("w")
+            started.append(
+                subprocess.Popen(
+                    args, cwd=folder, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
+
+        launched = time.time()
+        start(
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--port",
+                str(link),
+                "--health-server-address",
+                f"127.0.0.1:{free_port()}",
+                "--database",
+                str(folder / "superlink.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+            "superlink.log",
+        )
+        wait_for_port(link, 60)
+        superlink_up = time.time() - launched
+        for pid in range(clients):
+            start(
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    f"partition-id={pid} num-partitions={clients}",
+                ],
+                f"supernode{pid}.log",
+            )
+        run = subprocess.run(
+            [str(BIN / "flwr"), "run", str(app), "local", "--stream"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        deadline = time.monotonic() + 60
+        while not (out / "report.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        finished = time.time()
+    if not (out / "report.json").exists():
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(folder.glob("*.log")))
+        raise RuntimeError(f"the Flower run wrote no report (rc={run.returncode}):\n{run.stdout[-2000:]}\n{logs}")
+    report = json.loads((out / "report.json").read_text())
+    timing = report["flower_timing"]
+    return {
+        "superlink_up_seconds": superlink_up,
+        "startup_seconds": timing["started_unix"] - launched,
+        "setup_seconds": timing["setup_seconds"],
+        "round_seconds": [h["flower/round_wall_seconds"] for h in report["history"]],
+        "total_seconds": finished - launched,
+        "selected_layers": report["selected_layers"],
+        "personalized_acc": report["history"][-1].get("fed/personalized_acc"),
+        "global_state": torch.load(out / "global_prompt.pt", weights_only=True),
+        "up_record_bytes": sum(h["flower/up_record_bytes"] for h in report["history"]),
+        "ledger_up_bytes": report["ledger"]["up_bytes"],
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The result as a short Markdown table."""
+    dep, inp = result["deployment"], result["in_process"]
+    rows = [
+        "| round | in-process (s) | deployment (s) | deployment / in-process |",
+        "| --- | --- | --- | --- |",
+    ]
+    for i, (a, b) in enumerate(zip(inp["round_seconds"], dep["round_seconds"], strict=True), start=1):
+        rows.append(f"| {i} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
+    mean_in, mean_dep = result["mean_round_seconds"]["in_process"], result["mean_round_seconds"]["deployment"]
+    rows.append(f"| mean | {mean_in:.2f} | {mean_dep:.2f} | {result['ratio_mean']:.2f}x |")
+    prov = result["provenance"]
+    return "\n".join(
+        [
+            f"# Flower deployment round vs in-process round: {result['name']}",
+            "",
+            f"{result['setting']}",
+            "",
+            *rows,
+            "",
+            f"- goal: deployment/in-process <= {result['goal_ratio']}x per round; "
+            f"{'met' if result['goal_met'] else 'missed'} (mean ratio {result['ratio_mean']:.2f}x).",
+            f"- set-up (query round / model build + layer scoring): deployment {dep['setup_seconds']:.2f} s, "
+            f"in-process {inp['build_seconds'] + inp['setup_seconds']:.2f} s "
+            f"(build {inp['build_seconds']:.2f} + scoring {inp['setup_seconds']:.2f}).",
+            f"- process start-up (SuperLink launch to the ServerApp's first line): {dep['startup_seconds']:.2f} s "
+            f"(SuperLink listening after {dep['superlink_up_seconds']:.2f} s); whole deployment "
+            f"{dep['total_seconds']:.1f} s.",
+            f"- final global prompts: max abs difference {result['max_abs_diff']:.3g}; selected layers equal: "
+            f"{result['selected_layers_equal']}.",
+            f"- load average before / after: {result['loadavg_before']} / {result['loadavg_after']} "
+            f"on {result['cpu_count']} CPUs.",
+            "",
+            f"`{prov['command']}` at commit `{prov['commit']}`, {prov['date_utc']}.",
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default=str(ROOT / "configs/fed_prompt/fedpeptao_code.yaml"))
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--per-client", type=int, default=32, help="training examples per client")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole Flower run")
+    parser.add_argument("--name", default="minilm_bbc_4clients")
+    parser.add_argument("--out", default="benchmarks/results/flower_round_overhead")
+    args = parser.parse_args()
+    if args.clients < 1 or args.rounds < 1 or args.per_client < 1:
+        parser.error("`--clients`, `--rounds` and `--per-client` must be >= 1.")
+
+    from privtune.eval.provenance import run_provenance
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="privtune_flower_overhead_") as tmp:
+        folder = Path(tmp)
+        config = derived_config(Path(args.base), folder, args.clients, args.rounds, args.per_client)
+        setting = yaml.safe_load(config.read_text())
+        inp = in_process(config)
+        dep = deployment(config, folder, args.clients, args.timeout)
+    load_after = os.getloadavg()
+    diff = max(float((dep["global_state"][k] - v).abs().max()) for k, v in inp["global_state"].items())
+    mean_in = sum(inp["round_seconds"]) / len(inp["round_seconds"])
+    mean_dep = sum(dep["round_seconds"]) / len(dep["round_seconds"])
+    ratios = [b / a for a, b in zip(inp["round_seconds"], dep["round_seconds"], strict=True)]
+    goal = 1.2
+    result = {
+        "name": args.name,
+        "setting": (
+            f"{Path(args.base).name} shrunk: {args.clients} clients (all sampled), {args.rounds} rounds, "
+            f"{args.per_client} training examples per client; evaluation in the last round of both drivers; "
+            "deployment: insecure localhost, one SuperNode per client, Flower's default subprocess isolation."
+        ),
+        "config": setting,
+        "in_process": {k: v for k, v in inp.items() if k != "global_state"},
+        "deployment": {k: v for k, v in dep.items() if k != "global_state"},
+        "mean_round_seconds": {"in_process": mean_in, "deployment": mean_dep},
+        "ratio_per_round": ratios,
+        "ratio_mean": mean_dep / mean_in,
+        "goal_ratio": goal,
+        "goal_met": mean_dep / mean_in <= goal,
+        "max_abs_diff": diff,
+        "selected_layers_equal": inp["selected_layers"] == dep["selected_layers"],
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in load_after],
+        "cpu_count": os.cpu_count(),
+        "provenance": run_provenance(),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{args.name}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
