@@ -1,0 +1,85 @@
+"""The federated benchmarks run end to end on the tiny config, resume from finished runs, and summarise over seeds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny(tmp_path: Path, **federated: object) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs/fed_prompt/tiny_debug.yaml").read_text())
+    cfg["trainer"]["strategy"]["init_args"]["federated"].update({"num_rounds": 2, **federated})
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_the_controls_run_over_seeds_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _load("federated_compare")
+    out = tmp_path / "out"
+    methods = ["FedAvg (FedPepTAO's layers, no personal layers)"]
+    argv = ["x", "--config", str(_tiny(tmp_path)), "--out", str(out), "--seeds", "0", "1", "--target", "0.5"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--methods", *methods])
+    bench.main()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["target"] == 0.5 and summary["seeds"] == [0, 1]
+    assert [r["label"] for r in summary["rows"]] == methods and all(r["seeds"] == [0, 1] for r in summary["rows"])
+    frozen = json.loads((out / "seed1" / "fedavg_selected_frozen" / "report.json").read_text())
+    assert frozen["config"]["personal_layers"] is False and frozen["seed"] == 1
+    # seeds get their own partitions
+    parts = [(out / f"seed{s}" / "fedavg_selected_frozen" / "partition_train.json").read_text() for s in (0, 1)]
+    assert parts[0] != parts[1]
+    # --resume reuses the finished runs: nothing is trained again
+    monkeypatch.setattr(bench, "run_one", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(sys, "argv", [*argv, "--methods", *methods, "--resume"])
+    bench.main()
+
+
+def test_the_controls_refuse_an_unknown_method_before_any_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    bench = _load("federated_compare")
+    monkeypatch.setattr(sys, "argv", ["x", "--config", "c.yaml", "--out", str(tmp_path), "--methods", "FedMagic"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_the_client_dp_table_runs_each_epsilon_and_reports_the_noise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = _load("federated_client_dp")
+    base = _tiny(tmp_path, client_dp={"clipping_norm": 0.5, "target_epsilon": 8.0, "delta": 1e-3})
+    out = tmp_path / "dp"
+    argv = ["x", "--base", str(base), "--out", str(out), "--seeds", "0", "--methods", "fedavg"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--epsilons", "3", "inf"])
+    bench.main()
+    rows = {r["target_epsilon"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert rows["3"]["epsilon_spent"] <= 3.0 and rows["3"]["noise_multiplier"] > 0
+    assert rows["3"]["cohort_for_snr_1"] >= 1 and rows["3"]["noise_to_signal"] > 0
+    assert rows["inf"]["noise_multiplier"] is None
+    assert "| FedAvg (all layers) | 3 | 1 |" in (out / "summary.md").read_text()
+
+
+def test_the_client_dp_table_refuses_a_base_without_client_dp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _load("federated_client_dp")
+    monkeypatch.setattr(sys, "argv", ["x", "--base", str(_tiny(tmp_path)), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert not (tmp_path / "o" / "seed0").exists()
