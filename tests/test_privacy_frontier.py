@@ -1,0 +1,175 @@
+"""The privacy frontier: row names checked before work, a row end to end (tiny model), reuse, and the summaries."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from privtune.eval import frontier
+from privtune.eval.frontier import ROWS, attack_validity, best_valid, check_rows, row_file, summarise, write_summary
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.init_args.model=tiny-llama",
+    "data.init_args.train_size=16",
+    "data.init_args.test_size=16",
+    "data.init_args.max_length=32",
+    "trainer.max_epochs=1",
+]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("privacy_frontier", REPO / "benchmarks" / "privacy_frontier.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _interval(value: float, low: float, high: float) -> dict[str, float]:
+    return {"value": value, "low": low, "high": high}
+
+
+def _report(auc: float, negative: tuple[float, float] = (0.4, 0.6)) -> dict:
+    attack = {"auc": _interval(auc, auc - 0.05, auc + 0.05), "tpr@1%": _interval(0.02, 0.0, 0.05)}
+    return {
+        "attacks": {"loss": attack, "zlib": {**attack, "auc": _interval(auc - 0.01, auc - 0.06, auc + 0.04)}},
+        "negative_control": {name: {"auc": _interval(0.5, *negative)} for name in ("loss", "zlib")},
+    }
+
+
+CONTROLS = {"verdicts": {"loss": {"positive": True}, "zlib": {"positive": True}}}
+
+
+def _row_file(out: Path, name: str, seed: int, acc: float, auc: float, eps: float | None = None) -> None:
+    report = _report(auc)
+    validity = attack_validity(report, CONTROLS)
+    data = {
+        "row": name,
+        "label": ROWS[name].label,
+        "family": ROWS[name].family,
+        "seed": seed,
+        "accuracy": {"acc": acc, "f1": acc, "n": 128},
+        "best_attack": best_valid(report, validity),
+        "membership": report,
+        "dp": {"epsilon": eps} if eps else None,
+        "wall_seconds": 100.0 + seed,
+        "cpu_seconds": 150.0,
+        "bytes": {"tuned": 1_000_000},
+        "steps": 48,
+        "regime": {"text": "BBCNews, 128 members, 3 epochs"},
+        "provenance": {"commit": "abc", "command": "x", "date_utc": "today"},
+    }
+    path = row_file(out, name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_bad_rows_rejected_with_one_error_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown row") as err:
+        check_rows(["lora", "nope", "lorra", "fedavg"])
+    message = str(err.value)
+    assert "nope" in message and "lorra" in message  # every bad name at once
+    assert "`fedavg` needs" in message and "final global prompt" in message  # a blocked row names its hook
+    with pytest.raises(ValueError, match="at least one row"):
+        check_rows([])
+    assert [r.name for r in check_rows(["all"])] == [r.name for r in ROWS.values() if r.runnable]
+    assert [r.name for r in check_rows(["lora", "zero_shot"])] == ["zero_shot", "lora"]  # the frontier's order
+    with pytest.raises(ValueError, match="unknown row"):
+        _script().main(["--rows", "zero_shot", "nope", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # refused before any run or file
+
+
+def test_row_configs_share_one_regime():
+    configs = sorted((REPO / "configs" / "frontier").glob("*.yaml"))
+    runnable = {r.config for r in ROWS.values() if r.runnable}
+    assert {str(p.relative_to(REPO)) for p in configs} == runnable
+    regimes = set()
+    for path in configs:
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg["trainer"]["callbacks"][-1]["class_path"].endswith("MembershipAudit"), path  # seed override
+        data = cfg["data"]
+        regimes.add((data["class_path"], json.dumps(data["init_args"], sort_keys=True), cfg["trainer"]["max_epochs"]))
+        assert cfg["model"]["init_args"]["model"] == "smollm2-135m-instruct"
+    assert len(regimes) == 1  # same data, split sizes, members and epochs for every row
+
+
+def test_summary_table_and_plot_from_row_files(tmp_path):
+    for seed, (acc, auc) in enumerate([(0.9, 0.70), (0.92, 0.74), (0.88, 0.72)]):
+        _row_file(tmp_path, "full_ft", seed, acc, auc)
+    _row_file(tmp_path, "lora", 0, 0.85, 0.60)
+    for name, eps, acc, auc in (("dp_sgd_eps1", 1, 0.5, 0.5), ("dp_sgd_eps3", 3, 0.6, 0.52)):
+        _row_file(tmp_path, name, 0, acc, auc, eps=eps)
+    paths = write_summary(tmp_path, {"command": "cmd", "commit": "abc", "date_utc": "today"}, root=REPO)
+    assert [p.name for p in paths] == ["frontier.json", "frontier.md", "frontier.png"]
+    assert paths[2].stat().st_size > 1000
+    summary = json.loads(paths[0].read_text())
+    rows = {r["row"]: r for r in summary["rows"]}
+    assert list(rows) == list(ROWS)  # every row, run or not
+    full = rows["full_ft"]
+    assert full["status"] == "done" and full["seeds"] == [0, 1, 2]
+    assert full["accuracy"]["mean"] == pytest.approx(0.9) and full["accuracy"]["std"] == pytest.approx(0.02)
+    assert full["auc"]["mean"] == pytest.approx(0.72) and full["best_attack"] == ["loss"]
+    assert full["leak_measurable"] == [True, True, True]
+    assert rows["lora"]["status"] == "partial: 1 of 3 seeds"
+    assert rows["zero_shot"]["status"] == "not yet run"
+    assert rows["fedavg"]["status"] == "not yet run: needs a hook" and "global prompt" in rows["fedavg"]["needs"]
+    assert rows["dp_sgd_eps3"]["epsilon"]["mean"] == 3
+    assert rows["shaking_hv"]["token_recovery"]["file"].endswith("bbc_same_hv.json")
+    assert summary["goal"] == {"decided": False, "why": "no privtune method without formal DP has run yet"}
+    text = paths[1].read_text()
+    assert "| Full fine-tuning, non-private | done | 3 | 0.900 ± 0.020 | 0.720 ± 0.020 (loss)" in text
+    assert "Fewer than 3 seeds" in text and "LoRA (r=8), non-private" in text
+    assert "Offsite plug-in, ScaleOT (`offsite_scaleot`): MembershipAudit on the plug-in model" in text
+
+
+def test_invalid_attacks_are_not_used():
+    report = _report(0.8, negative=(0.6, 0.7))  # both negative controls exclude 0.5
+    assert best_valid(report, attack_validity(report, CONTROLS)) is None
+    report = _report(0.8)
+    validity = attack_validity(report, {"verdicts": {"loss": {"positive": False}, "zlib": {"positive": True}}})
+    assert not validity["loss"]["valid"] and "positive control failed" in validity["loss"]["reason"]
+    assert best_valid(report, validity)["attack"] == "zlib"
+    assert not any(v["valid"] for v in attack_validity(report, None).values())  # no controls: nothing is valid
+
+
+def test_token_recovery_reads_the_decipher_file():
+    tok = frontier.token_recovery(REPO / ROWS["shaking_hv"].decipher)
+    data = json.loads((REPO / ROWS["shaking_hv"].decipher).read_text())
+    assert tok["stream_tokens"] == max(data["a3"]["stream_tokens"], data["bigram"]["stream_tokens"]) > 0
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_row_runs_end_to_end_then_is_reused(tmp_path, monkeypatch):
+    script = _script()
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    argv = ["--rows", "lora", "--seeds", "1", "--out", str(out), "--run-root", str(runs)]
+    argv += [a for s in TINY for a in ("--set", s)]
+    monkeypatch.setattr(sys, "argv", ["privacy_frontier.py"])
+    script.main(argv)
+    data = json.loads(row_file(out, "lora", 1).read_text())
+    assert data["seed"] == 1 and data["steps"] == 2 and data["regime"]["members"] == 16
+    assert data["membership"]["attacks"].keys() == {"loss", "reference", "min_k", "zlib"}
+    assert 0 <= data["accuracy"]["acc"] <= 1 and data["accuracy"]["n"] == 16
+    assert data["bytes"]["tuned"] > 0 and data["wall_seconds"] > 0 and data["provenance"]["date_utc"]
+    assert data["validity"]["reference"]["valid"] is False  # failed its positive control on the real model
+    assert (runs / "lora" / "seed1" / "membership_report.json").exists()
+    assert "--trainer.callbacks.init_args.seed=1" in data["overrides"]
+    before = row_file(out, "lora", 1).read_text()
+
+    import train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished row must be reused, not rerun")
+
+    monkeypatch.setattr(train, "main", refuse)
+    script.main(argv)  # reused: no training
+    assert row_file(out, "lora", 1).read_text() == before
+    rows = {r["row"]: r for r in summarise(out)["rows"]}
+    assert rows["lora"]["status"] == "partial: 1 of 3 seeds"
+    assert (out / "frontier.md").exists() and (out / "frontier.png").exists()
