@@ -41,6 +41,7 @@ from privtune.eval.frontier import (  # noqa: E402
     best_valid,
     check_rows,
     row_file,
+    update_docs,
     write_summary,
 )
 from privtune.eval.provenance import commit_paths, run_provenance  # noqa: E402
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
         metavar="KEY=VALUE",
         help="extra train.py override for every run, without the leading dashes (e.g. model.init_args.lr=5e-4)",
     )
+    parser.add_argument(
+        "--docs", default=None, metavar="MARKDOWN", help="also rewrite the generated frontier block of this file"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine's 2 cores)")
     parser.add_argument(
         "--start-within", type=float, default=None, metavar="MINUTES", help="start no row after this many minutes"
@@ -206,6 +210,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                     commit_paths([str(path)], f"Privacy frontier row: {row.name}, seed {seed}")
     paths = write_summary(out, run_provenance(), root=ROOT)
     log(f"frontier written: {', '.join(str(p) for p in paths)}")
+    if args.docs and update_docs(Path(args.docs), out):
+        log(f"{args.docs}: frontier block regenerated from {out}/frontier.md")
     if args.commit:
         commit_paths([str(p) for p in paths], "Privacy frontier: table and plot regenerated from the row files")
     return paths

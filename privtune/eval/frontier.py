@@ -411,3 +411,28 @@ def _finite(value: Any) -> Any:  # noqa: ANN401 - json's default hook
     if isinstance(value, float) and not math.isfinite(value):
         return None
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+DOCS_MARKER = "privacy-frontier"
+
+
+def update_docs(doc: Path, out: Path) -> bool:
+    """Replace the ``<!-- privacy-frontier -->`` block of ``doc`` with ``out/frontier.md`` (a generated include).
+
+    Returns whether the text changed. Raises ``ValueError`` if ``doc`` lacks the two markers.
+    """
+    doc, out = Path(doc), Path(out)
+    text = doc.read_text()
+    start, end = f"<!-- {DOCS_MARKER} -->", f"<!-- /{DOCS_MARKER} -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{doc} lacks the `{start}` ... `{end}` markers the frontier table goes between.")
+    body = (out / "frontier.md").read_text().split("\n", 1)[1].strip()  # without its title
+    rel = out.as_posix()
+    block = (
+        f"{start}\nGenerated from `{rel}/frontier.md` by `benchmarks/privacy_frontier.py --docs` (do not edit by "
+        f"hand; the row files are in `{rel}/rows/`).\n\n{body}\n\n![frontier](../{rel}/frontier.png)\n{end}"
+    )
+    new = text.split(start)[0] + block + text.split(end, 1)[1]
+    if new != text:
+        doc.write_text(new)
+    return new != text
