@@ -59,19 +59,24 @@ class Row:
 
 
 _OFFSITE_HOOK = (
-    "MembershipAudit on the plug-in model inside the offsite recipe (privtune/recipes/offsite.py / "
-    "callbacks/offsite_pipeline.py): audit the plug-in model on the data owner's training examples (members) "
-    "against its held-out test examples, and write the report beside offsite_report.json"
+    "MembershipAudit on the plug-in model inside the offsite recipe: in privtune/recipes/offsite.py, "
+    "tune_emulator_and_plug_in, after plugged_classifier(...), score the plug-in model with "
+    "privtune.attacks.membership.audit_model (members: the data owner's training split; non-members: its test "
+    "split; reference: the untuned base) and write the report beside offsite_report.json, with the pipeline's "
+    "data-owner tuning in the frontier's regime (the same members for 3 epochs, not max_steps)"
 )
 _FED_HOOK = (
-    "a membership audit of the final global prompt (and the personalised models) in the federated loop "
-    "(privtune/federated/): members drawn from the examples of the clients that took part, non-members from "
-    "held-out examples, written into the run's report.json (MembershipAudit refuses federated runs)"
+    "an audit of the final global prompt (and each client's personalised prompt) in privtune/federated/loop.py: "
+    "after the last round, beside evaluate(..., personalised=False), score the model with "
+    "privtune.attacks.membership.audit_model, members drawn from the examples of the clients that took part, "
+    "non-members from held-out examples, written into the run's report.json (MembershipAudit refuses federated "
+    "runs); and a partition of the frontier's members over the 20 clients"
 )
 _SHAKING_HOOK = (
-    "MembershipAudit on the recovered model after shaken tuning on BBC News: a configs/frontier row with "
-    "EmbeddingShaking(recovery='horizontal') and the key (the callback refuses a model still shaken); "
-    "no BBC config with the search's key exists yet"
+    "(1) a BBC News config per key with EmbeddingShaking(recovery='horizontal') on the implanted shaken model both "
+    "keys were chosen for (configs/shaking/smollm2_implant.yaml writes runs/shaking/implanted, which is not in the "
+    "repository); (2) MembershipAudit's reference pass at fit start is refused once EmbeddingShaking has shaken the "
+    "model in setup, so the audit must take its reference before the shake (or the row runs with reference: false)"
 )
 
 ROWS: dict[str, Row] = {
