@@ -17,7 +17,7 @@ Usage::
     python benchmarks/federated_memory.py --model smollm2-135m-instruct --clients 100 \
         --out benchmarks/results/federated_memory
     nice -n 5 python benchmarks/federated_memory.py --config configs/fed_prompt/fedpeptao_code.yaml \
-        --clients 1000 --sample-fraction 0.01 --rounds 3 --train-size 2000 --out benchmarks/results/federated_memory
+        --clients 1000 --sample-fraction 0.01 --rounds 3 --train-size 1800 --out benchmarks/results/federated_memory
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/federated_memory")
     parser.add_argument("--config", default=None, help="a privtune federated config: the phase-timed scale mode")
     parser.add_argument("--sample-fraction", type=float, default=0.01, help="with --config: the cohort per round")
-    parser.add_argument("--train-size", type=int, default=2000, help="with --config: training examples in all")
-    parser.add_argument("--test-size", type=int, default=200, help="with --config: evaluation examples in all")
+    parser.add_argument("--train-size", type=int, default=1800, help="with --config: training examples in all")
+    parser.add_argument("--test-size", type=int, default=100, help="with --config: evaluation examples in all")
     args = parser.parse_args()
     if args.config is not None:
         scale(args)
