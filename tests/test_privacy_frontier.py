@@ -119,7 +119,7 @@ def test_summary_table_and_plot_from_row_files(tmp_path):
     assert rows["zero_shot"]["status"] == "not yet run"
     assert rows["fedavg"]["status"] == "not yet run: needs a hook" and "global prompt" in rows["fedavg"]["needs"]
     assert rows["dp_sgd_eps3"]["epsilon"]["mean"] == 3
-    assert rows["shaking_hv"]["token_recovery"]["file"].endswith("bbc_same_hv.json")
+    assert rows["shaking_hv"]["token_recovery"]["file"] == "benchmarks/results/decipher_shaking/rows/bbc_same_hv.json"
     assert summary["goal"] == {"decided": False, "why": "no privtune method without formal DP has run yet"}
     text = paths[1].read_text()
     assert "| Full fine-tuning, non-private | done | 3 | 0.900 ± 0.020 | 0.720 ± 0.020 (loss)" in text
@@ -173,3 +173,27 @@ def test_row_runs_end_to_end_then_is_reused(tmp_path, monkeypatch):
     rows = {r["row"]: r for r in summarise(out)["rows"]}
     assert rows["lora"]["status"] == "partial: 1 of 3 seeds"
     assert (out / "frontier.md").exists() and (out / "frontier.png").exists()
+
+
+def test_docs_block_is_generated_from_the_frontier_file(tmp_path):
+    _row_file(tmp_path, "lora", 0, 0.85, 0.60)
+    write_summary(tmp_path, {"command": "cmd", "commit": "abc", "date_utc": "today"}, root=REPO)
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- privacy-frontier -->\nstale | 1 |\n<!-- /privacy-frontier -->\nafter\n")
+    assert frontier.update_docs(doc, tmp_path)
+    text = doc.read_text()
+    assert "stale" not in text and text.startswith("intro\n") and text.endswith("after\n")
+    assert "| LoRA (r=8), non-private | partial: 1 of 3 seeds | 1 | 0.850 |" in text
+    assert not frontier.update_docs(doc, tmp_path)  # regenerating an up-to-date block changes nothing
+    doc.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        frontier.update_docs(doc, tmp_path)
+
+
+def test_published_frontier_table_is_copied_from_its_result_file():
+    doc = (REPO / "docs" / "privacy_audit.md").read_text()
+    section = doc.split("<!-- privacy-frontier -->")[1].split("<!-- /privacy-frontier -->")[0]
+    source = (REPO / "benchmarks" / "results" / "privacy_frontier" / "frontier.md").read_text()
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert rows and all(row in source for row in rows)
+    assert "benchmarks/results/privacy_frontier/frontier.md" in section

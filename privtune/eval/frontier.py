@@ -254,7 +254,11 @@ def summarise(out: Path, root: Path | None = None) -> dict[str, Any]:
             entry["target_epsilon"] = row.epsilon
         if row.decipher:
             path = root / row.decipher
-            entry["token_recovery"] = token_recovery(path) if path.exists() else {"file": row.decipher, "missing": True}
+            entry["token_recovery"] = (
+                token_recovery(path) | {"file": row.decipher}
+                if path.exists()
+                else {"file": row.decipher, "missing": True}
+            )
         rows.append(entry)
     return {"seeds_expected": SEEDS_EXPECTED, "controls": CONTROLS, "rows": rows, "goal": goal_check(rows)}
 
@@ -283,6 +287,8 @@ def goal_check(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def _pm(stat: Mapping[str, float] | None, scale: float = 1.0, digits: int = 3) -> str:
     if not stat:
         return "–"
+    if stat.get("n", 2) == 1:  # one seed: no spread to show
+        return f"{scale * stat['mean']:.{digits}f}"
     return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
@@ -327,9 +333,20 @@ def markdown(summary: Mapping[str, Any], provenance: Mapping[str, Any] | None = 
             f"| {_pm(r.get('auc'))}{attacks} | {_pm(r.get('tpr@1%'))} | {leak} | {eps} | {tok_cell} "
             f"| {wall} | {cpu} | {size} |"
         )
+    lines += [
+        "",
+        "Times: wall and CPU seconds of the whole run (training, audit, accuracy) on a 2-core machine shared with "
+        "other jobs; each row file records the load average at its start and end. Token recovery of the search's "
+        "key is the permutation-only (horizontal) key's: the vertical operators never touch the ids, so for the id "
+        "stream the two keys differ only in their random permutation.",
+    ]
     partial = [r["label"] for r in rows if r["status"].startswith("partial")]
     if partial:
-        lines += ["", f"Fewer than {summary['seeds_expected']} seeds (std over what ran): {', '.join(partial)}."]
+        lines += [
+            "",
+            f"Fewer than {summary['seeds_expected']} seeds (one seed: no ± shown; otherwise std over the seeds that "
+            f"ran): {', '.join(partial)}.",
+        ]
     goal = summary["goal"]
     lines += ["", "Goal (a method without formal DP at accuracy ≥ DP-SGD ε=3's and best AUC ≤ its): "]
     if not goal["decided"]:
