@@ -450,6 +450,8 @@ def update_docs(doc: Path, out: Path) -> bool:
         raise ValueError(f"{doc} lacks the `{start}` ... `{end}` markers the frontier table goes between.")
     body = (out / "frontier.md").read_text().split("\n", 1)[1].strip()  # without its title
     rel = out.as_posix()
+    marker = f"<!-- result: {rel}/frontier.md, {rel}/rows -->\n"  # the published-figure check's citation
+    body = body.replace("\n| row |", f"\n{marker}| row |", 1)
     block = (
         f"{start}\nGenerated from `{rel}/frontier.md` by `benchmarks/privacy_frontier.py --docs` (do not edit by "
         f"hand; the row files are in `{rel}/rows/`).\n\n{body}\n\n![frontier](../{rel}/frontier.png)\n{end}"
