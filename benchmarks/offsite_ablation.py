@@ -9,18 +9,21 @@ seed (split, stage 1 and tuning), the output folders and the arm's knobs. Nothin
 Arms (``--arms``):
 
 * ``a_d``: ScaleOT (d) with OT's undistilled uniform drop 2-13-2 (a) beside it in the same run, on the same split.
+* ``b``: uniform drop + harmonizers: the exported ScaleOT emulator's replaced set is the 13 blocks OT 2-13-2 drops
+  (``EmulatorExport.replaced: uniform``), harmonizers from the same stage 1; beside it, owner side, the same emulator
+  without SRC, i.e. exactly OT 2-13-2's kept blocks with harmonizers in the gaps (``scaleot_no_src``).
 * ``c``: importance-chosen kept layers, identity in place of the replaced ones: stage 1 learns the scores with the
   harmonizers frozen at their identity initialisation (harmonizer lr 1e-12, no warm start).
+* ``e``: ScaleOT without selective rank compression: beside ScaleOT (d), the same emulator (same stage 1, replaced
+  set and harmonizers) with the original kept blocks put back, built and evaluated inside the run, never written
+  (``OffsitePipeline.scaleot_no_src``; the artifact rule still refuses uncompressed kept blocks). Same size as (d):
+  SRC stores its rank-β matrices dense, so α stays 0.5 (α = 0.6 would replace 16 blocks instead of 13).
 * ``f``: ScaleOT with Dynamic LayerReplace off: the harmonizers are only warm-started, each on its own block
   (per-block fit, 16 batches), and not trained under sampled replacement sets (harmonizer lr 1e-12); the RL scores
   are still learned.
 * ``d300``, ``d1000``: ScaleOT (d) with 300 / 1000 stage-1 steps instead of 100 (owner-budget scaling; with (a)).
 * ``akd100``, ``akd300``, ``akd1000``: OT 2-13-2 distilled with OT's KD objective for 100 / 300 / 1000 steps on the
   owner's corpus (``configs/offsite_tuning/ot_distill_smollm2.yaml``'s model), then the same pipeline.
-
-Not runnable yet (refused with the reason): ``b`` (uniform choice + trained harmonizers) and ``e`` (ScaleOT without
-selective rank compression) need export knobs that ``EmulatorExport`` does not have: a uniform replaced set, and
-an export of uncompressed kept blocks, which the artifact rule refuses (it would ship original middle matrices).
 
 Resumable per (arm, seed, task) row: a row whose result file exists is skipped, so rerunning the same command
 continues where it stopped. Each result (the row's report: five settings, arms, sizes, stage times, command,
@@ -53,12 +56,8 @@ TASKS = {
     "bbc_news": ("tweets", 96),
     "tweets": ("bbc_news", 64),
 }
-ARMS = ("a_d", "c", "f", "d300", "d1000", "akd100", "akd300", "akd1000")
-NOT_RUNNABLE = {
-    "b": "needs a uniform replaced set in EmulatorExport (ScaleOT's plan picks the least important layers)",
-    "e": "needs an export of uncompressed kept blocks, which the artifact rule refuses (original middle matrices)",
-}
-EMULATOR_LAYERS = 13  # OT 2-13-2: about the ScaleOT emulator's 0.66 of the parameters
+ARMS = ("a_d", "b", "c", "e", "f", "d300", "d1000", "akd100", "akd300", "akd1000")
+EMULATOR_LAYERS = 13  # OT 2-13-2: about the ScaleOT emulator's 0.66 of the parameters (α = 0.5 of 26: 13 replaced)
 
 
 def _callback(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -80,7 +79,13 @@ def row_config(base: dict[str, Any], arm: str, task: str, seed: int, root: Path)
     pipeline["uniform_drop_layers"] = EMULATOR_LAYERS if arm in ("a_d", "d300", "d1000") else None
     pipeline["title"] = f"ablation {arm}, {task}, seed {seed}"
     replace = _callback(config, "LayerReplace")["init_args"]
-    if arm == "c":
+    export = _callback(config, "EmulatorExport")["init_args"]
+    if arm == "b":
+        export["replaced"] = "uniform"
+        pipeline["scaleot_no_src"] = True
+    elif arm == "e":
+        pipeline["scaleot_no_src"] = True
+    elif arm == "c":
         config["model"]["init_args"]["lr"] = 1e-12
         replace["warm_start_batches"] = 0
     elif arm == "f":
@@ -101,7 +106,7 @@ def row_config(base: dict[str, Any], arm: str, task: str, seed: int, root: Path)
             },
         }  # fmt: skip
     elif arm != "a_d":
-        raise ValueError(f"unknown arm {arm!r}; runnable: {ARMS}; not yet: {NOT_RUNNABLE}")
+        raise ValueError(f"unknown arm {arm!r}; runnable: {ARMS}")
     return config
 
 
@@ -168,10 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     refused = [a for a in args.arms if a not in ARMS]
     if refused:
-        parser.error(
-            f"--arms {refused}: not runnable: "
-            + "; ".join(f"{a}: {NOT_RUNNABLE.get(a, 'unknown arm')}" for a in refused)
-        )
+        parser.error(f"--arms {refused}: unknown; runnable: {ARMS}")
 
     base = yaml.safe_load(Path(args.config).read_text())
     work, out = Path(args.work), Path(args.out)

@@ -54,6 +54,9 @@ class OffsitePipeline(pl.Callback):
             adds an emulator fine-tuning and a plug-in evaluation).
         uniform_drop_layers: also tune and plug Offsite-Tuning's undistilled 2-k-2 uniform drop with this ``k``
             (a row beside the exported emulator in the same table); ``None`` for none.
+        scaleot_no_src: also tune and plug the exported ScaleOT emulator with its kept blocks put back uncompressed
+            (ablation (e), ScaleOT without SRC, same size), built in this process and never written
+            (:func:`~privtune.recipes.offsite.restore_kept_blocks`).
         seed: seed of the task split and the tuning runs.
         title: first line of the report.
         template: prompt of a file task (one ``{text}`` slot).
@@ -81,6 +84,7 @@ class OffsitePipeline(pl.Callback):
         tuning: Literal["full", "lora"] = "full",
         alphas: list[float] | None = None,
         uniform_drop_layers: int | None = None,
+        scaleot_no_src: bool = False,
         seed: int = 0,
         title: str = "",
         template: str = "Text: {text}\nLabel:",
@@ -101,6 +105,7 @@ class OffsitePipeline(pl.Callback):
             tuning=tuning,
             alphas=list(alphas or []),
             uniform_drop_layers=uniform_drop_layers,
+            scaleot_no_src=scaleot_no_src,
             seed=seed,
             title=title,
             template=template,
@@ -136,6 +141,12 @@ class OffsitePipeline(pl.Callback):
                 f"{type(pl_module).__name__} has no `layer_importance` / `harmonizers`. HINT: use "
                 "HarmonizerImportance with LayerReplace, or leave `alphas` empty."
             )
+        if self.settings.scaleot_no_src and not isinstance(pl_module, ScaleOTStage1Module):
+            raise ValueError(
+                f"OffsitePipeline: `scaleot_no_src` undoes the rank compression of a ScaleOT emulator, but "
+                f"{type(pl_module).__name__} is not a ScaleOT stage-1 module. HINT: use HarmonizerImportance with "
+                "LayerReplace, or set `scaleot_no_src: false`."
+            )
         model_name = getattr(pl_module, "model_name", None)
         if isinstance(model_name, str):
             check_task(self.settings, model_name)  # a bad task file or sizes fail here, not after stage 1
@@ -163,7 +174,7 @@ class OffsitePipeline(pl.Callback):
         stage1 = ScaleOTStage1.from_module(pl_module) if self.settings.alphas else None
         knobs = EmulatorKnobs(
             export.adapter_layers, export.alpha, export.beta, export.beta_mlp, export.distill_steps,
-            export.distill_lr, export.distill_norm,
+            export.distill_lr, export.distill_norm, export.replaced,
         )  # fmt: skip
         batches = list(trainer.datamodule.train_dataloader()) if stage1 is not None and export.distill_steps else []
         self.report = OffsiteRecipe(self.settings, self.trainers).run(

@@ -81,6 +81,10 @@ class EmulatorExport(pl.Callback):
         output_dir: artifact folder (created; an existing artifact there is replaced).
         adapter_layers: ScaleOT ``N_a`` (only for stage-1 modules; half bottom, half top).
         alpha: ScaleOT replaced fraction of the middle, ``[0, 1)``.
+        replaced: which ``⌈α·|C|⌉`` middle blocks become harmonizers: ``importance`` (ScaleOT: the least important
+            by the stage-1 scores) or ``uniform`` (the blocks Offsite-Tuning's uniform drop drops, evenly spaced:
+            the kept blocks are exactly OT's ``l-k-r`` ones; ablation (b) "uniform drop + harmonizers" of
+            docs/offsite_tuning.md). Same count, so the same size; the harmonizers are stage 1's either way.
         beta: ScaleOT kept rank fraction of the kept layers' attention matrices, ``(0, 1]``.
         beta_mlp: kept rank fraction of their MLP matrices, ``(0, 1]``; below 1 so that no original matrix
             is shipped (privtune's artifact rule; ScaleOT itself leaves the FFN as it is).
@@ -97,6 +101,12 @@ class EmulatorExport(pl.Callback):
         min_rel_error: the leak check's threshold: no emulator matrix may come within this relative Frobenius
             error of an original middle matrix, after the best scale and sign and row or column matching
             (:mod:`privtune.emulator.leak_check`; default ``1e-2``, which ScaleOT's ``β = 0.8`` / ``0.9`` passes).
+
+    There is deliberately no knob to export uncompressed kept blocks (``beta = beta_mlp = 1``): they are original
+    middle matrices, which never leave the model owner, so ``setup`` refuses them. ScaleOT without SRC (ablation
+    (e)) is measured owner-side instead, by :class:`~privtune.callbacks.offsite_pipeline.OffsitePipeline`'s
+    ``scaleot_no_src``, which puts the original blocks back into this artifact's emulator in process and writes
+    no emulator.
 
     Contract: a ScaleOT stage-1 module (:class:`privtune.contracts.HarmonizerStage1Module`: the model at
     ``model_attr``, ``model_name``, ``harmonizers`` filled by ``LayerReplace``, ``layer_importance``) or an
@@ -117,6 +127,7 @@ class EmulatorExport(pl.Callback):
         output_dir: str,
         adapter_layers: int = 4,
         alpha: float = 0.5,
+        replaced: Literal["importance", "uniform"] = "importance",
         beta: float = 0.8,
         beta_mlp: float = 0.9,
         distill_steps: int = 0,
@@ -141,10 +152,13 @@ class EmulatorExport(pl.Callback):
                 problems.append(f"`{name}={value}` (kept rank fraction) must be in (0, 1]")
         if adapter_layers < 0:
             problems.append(f"`adapter_layers={adapter_layers}` must be >= 0")
+        if replaced not in ("importance", "uniform"):
+            problems.append(f"`replaced={replaced!r}` must be 'importance' or 'uniform'")
         if problems:
             raise ValueError("EmulatorExport: " + "; ".join(problems) + ".")
         self.output_dir = output_dir
         self.adapter_layers, self.alpha, self.beta, self.beta_mlp = adapter_layers, alpha, beta, beta_mlp
+        self.replaced = replaced
         self.distill_steps, self.distill_lr, self.distill_norm = distill_steps, distill_lr, distill_norm
         self.model_attr, self.min_rel_error = model_attr, min_rel_error
         self.summary: dict[str, Any] = {}
@@ -244,6 +258,7 @@ class EmulatorExport(pl.Callback):
             self.beta,
             self.beta_mlp,
             next(iter(harmonizers.values())).down.out_features,
+            self.replaced,
         )
         plan.base_model = pl_module.model_name
         return emulator, plan, model

@@ -453,8 +453,8 @@ def test_ablation_rows_are_the_default_config_with_only_the_arm_changed(tmp_path
     assert kd["trainer"]["max_steps"] == 300 and kd["model"]["init_args"]["emulator_layers"] == 13
     assert not any(cb["class_path"].endswith("LayerReplace") for cb in kd["trainer"]["callbacks"])
     assert base == yaml.safe_load((REPO / "configs" / "default.yaml").read_text())  # the base is not mutated
-    with pytest.raises(ValueError, match="unknown arm 'b'"):
-        ablation.row_config(base, "b", "tweets", 0, tmp_path)
+    with pytest.raises(ValueError, match="unknown arm 'x'"):
+        ablation.row_config(base, "x", "tweets", 0, tmp_path)
 
 
 class _NeverTrains(HarmonizerImportance):

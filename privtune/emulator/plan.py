@@ -11,16 +11,19 @@ plan, one builder prevents that).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from torch import Tensor
 
 from privtune.emulator.importance import least_important
-from privtune.emulator.layer_drop import uniform_keep_layers
+from privtune.emulator.layer_drop import uniform_keep_indices, uniform_keep_layers
 from privtune.emulator.layer_stack import SandwichSplit
 
 Kind = Literal["block", "harmonizer"]
+ReplaceChoice = Literal["importance", "uniform"]
 PLAN_VERSION = 1
 
 
@@ -128,12 +131,37 @@ def uniform_drop_plan(num_layers: int, adapter_bottom: int, adapter_top: int, em
     )
 
 
+def uniform_replaced(candidates: Sequence[int], alpha: float) -> list[int]:
+    """The ``⌈α · |C|⌉`` candidates that Offsite-Tuning's uniform drop would drop, sorted by index.
+
+    The complement of OT's evenly spaced kept set (:func:`~privtune.emulator.layer_drop.uniform_keep_indices`
+    with ``k = |C| - ⌈α · |C|⌉``: stride ``(|C| - 1) / (k - 1)``, first and last candidates kept), so the
+    blocks kept are exactly those of OT's ``l-k-r`` emulator and only the dropped ones differ (harmonizers in
+    their place instead of nothing). The count is the one :func:`~privtune.emulator.importance.least_important`
+    replaces for the same ``α``, which keeps an ablation at equal size.
+
+    Raises:
+        ValueError: if ``alpha`` is outside ``[0, 1)``.
+
+    Example:
+        >>> uniform_replaced(list(range(2, 28)), 0.5)  # SmolLM2's 26 middle blocks: OT 2-13-2 keeps the others
+        [3, 5, 7, 9, 11, 13, 15, 16, 18, 20, 22, 24, 26]
+    """
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"`alpha={alpha}` (replaced fraction) must be in [0, 1).")
+    count = math.ceil(alpha * len(candidates) - 1e-9)  # as least_important counts
+    keep = len(candidates) - count
+    kept = {candidates[j] for j in uniform_keep_indices(len(candidates), keep)} if keep else set()
+    return [c for c in candidates if c not in kept]
+
+
 def scaleot_plan(
     num_layers: int,
     adapter_layers: int,
     scores: Tensor,
     alpha: float,
     harmonizer_rank: int = 64,
+    replaced: ReplaceChoice = "importance",
 ) -> EmulatorPlan:
     """ScaleOT plan for the knobs ``(N_a, α)``: the least important middle blocks become harmonizers.
 
@@ -143,16 +171,23 @@ def scaleot_plan(
         scores: ``[L - N_a]`` importance scores of the middle blocks, in depth order.
         alpha: replaced fraction of the middle, ``0 <= α < 1``; ``⌈α · |C|⌉`` blocks are replaced.
         harmonizer_rank: bottleneck of the harmonizers.
+        replaced: which blocks become harmonizers: ``importance`` (ScaleOT: the lowest scores) or ``uniform``
+            (ablation (b) of docs/offsite_tuning.md: the blocks OT's uniform drop drops, evenly spaced, see
+            :func:`uniform_replaced`; the scores are then only checked for their count). Same count either way.
 
     Raises:
-        ValueError: if ``adapter_layers`` leaves no middle, ``alpha`` is outside ``[0, 1)`` or the score count
-            does not match the middle.
+        ValueError: if ``adapter_layers`` leaves no middle, ``alpha`` is outside ``[0, 1)``, the score count
+            does not match the middle, or ``replaced`` is unknown.
     """
     if adapter_layers < 0:
         raise ValueError(f"`adapter_layers={adapter_layers}` must be >= 0.")
+    if replaced not in ("importance", "uniform"):
+        raise ValueError(f"`replaced={replaced!r}` must be 'importance' or 'uniform'.")
     split = SandwichSplit(num_layers, adapter_layers // 2, adapter_layers - adapter_layers // 2)
-    replaced = set(least_important(scores, split.middle_indices, alpha))
-    middle = [(i, "harmonizer" if i in replaced else "block") for i in split.middle_indices]
+    chosen = set(least_important(scores, split.middle_indices, alpha))  # validates alpha and the score count
+    if replaced == "uniform":
+        chosen = set(uniform_replaced(split.middle_indices, alpha))
+    middle = [(i, "harmonizer" if i in chosen else "block") for i in split.middle_indices]
     return EmulatorPlan(
         num_layers,
         split.bottom,
@@ -160,5 +195,5 @@ def scaleot_plan(
         middle,  # type: ignore[arg-type]
         method="scaleot",
         harmonizer_rank=harmonizer_rank,
-        info={"adapter_layers": adapter_layers, "alpha": alpha},
+        info={"adapter_layers": adapter_layers, "alpha": alpha, "replaced": replaced},
     )

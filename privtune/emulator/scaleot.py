@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from privtune.emulator.build import build_emulator, compress_kept_blocks
 from privtune.emulator.harmonizer import LayerSwitch, set_replace_mask
 from privtune.emulator.importance import reinforce_update, sample_keep_mask
-from privtune.emulator.plan import EmulatorPlan, scaleot_plan
+from privtune.emulator.plan import EmulatorPlan, ReplaceChoice, scaleot_plan
 
 
 class LayerImportance:
@@ -149,6 +149,7 @@ def build_scaleot_emulator(
     beta: float = 0.8,
     beta_mlp: float = 1.0,
     harmonizer_rank: int = 64,
+    replaced: ReplaceChoice = "importance",
 ) -> tuple[nn.Module, EmulatorPlan]:
     """The ScaleOT emulator of ``model`` for the knobs ``(N_a, α, β)``.
 
@@ -162,6 +163,8 @@ def build_scaleot_emulator(
         beta_mlp: kept rank fraction of their MLP matrices; 1.0 as in the paper (see
             :func:`~privtune.emulator.build.compress_kept_blocks`).
         harmonizer_rank: bottleneck width recorded in the plan.
+        replaced: ``importance`` (ScaleOT) or ``uniform`` (OT's evenly spaced drop set; ablation (b)), see
+            :func:`~privtune.emulator.plan.scaleot_plan`.
 
     Raises:
         ValueError: on any knob outside its range, before any copy is made.
@@ -172,7 +175,7 @@ def build_scaleot_emulator(
         raise ValueError(f"`beta_mlp={beta_mlp}` (kept rank fraction) must be in (0, 1].")
     from privtune.models import num_blocks
 
-    plan = scaleot_plan(num_blocks(model), adapter_layers, scores, alpha, harmonizer_rank)
+    plan = scaleot_plan(num_blocks(model), adapter_layers, scores, alpha, harmonizer_rank, replaced)
     emulator = build_emulator(model, plan, harmonizers)
     compress_kept_blocks(emulator, plan, beta, beta_mlp)
     return emulator, plan

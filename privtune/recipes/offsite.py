@@ -14,7 +14,9 @@ model). :class:`OffsiteRecipe` runs all of them with the project's modules, so t
   checkpoint selection: the tuning runs without validation).
 
 Optionally it adds Offsite-Tuning's undistilled uniform layer drop beside the exported emulator
-(``uniform_drop_layers``) and re-generates ScaleOT emulators of the same stage-1 run for other ``α`` values.
+(``uniform_drop_layers``), the same ScaleOT emulator without Selective Rank Compression (``scaleot_no_src``,
+owner side only, see :func:`restore_kept_blocks`) and re-generates ScaleOT emulators of the same stage-1 run for
+other ``α`` values.
 
 Every nested :class:`~lightning.pytorch.Trainer` is built by :class:`NestedTrainers` from the outer Trainer's device,
 precision and logger (a GPU run stays on its GPU), keeps Lightning's per-Trainer banners out of the log, and reports
@@ -26,6 +28,7 @@ that plays both parties in one process; the artifacts it exchanges are the folde
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -58,8 +61,9 @@ from privtune.emulator import (
     save_adapter_artifact,
     save_emulator_artifact,
 )
+from privtune.emulator.harmonizer import LayerSwitch
 from privtune.eval.offsite_report import OffsiteReport, privacy_gap
-from privtune.models import load_model
+from privtune.models import get_blocks, load_model, unwrap
 from privtune.modules.classifier import TextClassifier
 from privtune.modules.offsite_finetune import OffsiteFinetune
 
@@ -131,6 +135,9 @@ class PipelineSettings:
         alphas: extra ScaleOT ``α`` values, each an emulator re-generated from the same stage-1 run.
         uniform_drop_layers: ``k`` of an Offsite-Tuning 2-k-2 uniform layer drop (undistilled, built in process)
             tuned and plugged beside the exported emulator; ``None`` for none.
+        scaleot_no_src: also tune and plug the exported ScaleOT emulator with its kept middle blocks put back
+            uncompressed (ablation (e), ScaleOT without SRC; same positions, harmonizers and parameter count), built
+            in process at the model owner and never written (:func:`restore_kept_blocks`).
         seed: seed of the task split and of the tuning runs.
         title: first line of the report.
         template: prompt of a file task (one ``{text}`` slot).
@@ -151,6 +158,7 @@ class PipelineSettings:
     tuning: str = "full"
     alphas: list[float] = field(default_factory=list)
     uniform_drop_layers: int | None = None
+    scaleot_no_src: bool = False
     seed: int = 0
     title: str = ""
     template: str = "Text: {text}\nLabel:"
@@ -407,6 +415,7 @@ class EmulatorKnobs:
     distill_steps: int = 0
     distill_lr: float = 1e-4
     distill_norm: Literal["global", "per_dim", "global+per_dim"] = "global"
+    replaced: Literal["importance", "uniform"] = "importance"
 
 
 def generate_scaleot_emulator(
@@ -425,7 +434,7 @@ def generate_scaleot_emulator(
     rank = next(iter(stage1.harmonizers.values())).down.out_features
     emulator, plan = build_scaleot_emulator(
         stage1.model, stage1.layer_importance.cpu(), stage1.harmonizers, knobs.adapter_layers, knobs.alpha,
-        knobs.beta, knobs.beta_mlp, rank,
+        knobs.beta, knobs.beta_mlp, rank, knobs.replaced,
     )  # fmt: skip
     plan.base_model = stage1.model_name
     if knobs.distill_steps:
@@ -476,6 +485,42 @@ def check_task(settings: PipelineSettings, model_name: str) -> None:
         raise ValueError(f"OffsitePipeline: the data owner's task cannot be used: {err}") from err
 
 
+def restore_kept_blocks(module: OffsiteFinetune, original: nn.Module) -> None:
+    """Ablation (e), ScaleOT without SRC: put the original blocks back in place of the kept, compressed ones.
+
+    In place, on ``module`` (an :class:`~privtune.modules.OffsiteFinetune` loaded from a ScaleOT emulator artifact of
+    ``original``): every ``block`` position of the plan gets a frozen copy of the original block it came from, so
+    the emulator is ScaleOT's with the same replaced set, the same harmonizers and the same parameter count (SRC
+    stores its rank-``β`` matrices dense when factors would not be smaller), only without the rank compression.
+    ``module.plan`` is a copy without the kept blocks' surgery, marked ``info["src"] = False`` and
+    ``info["owner_only"] = True`` (so the adapter artifact says what it was tuned on). With ``distill_steps`` > 0 at
+    export, the harmonizers are the exported ones, distilled next to the compressed blocks.
+
+    Threat model: this emulator holds original middle matrices, so it exists only inside the model owner's own
+    research process; it is never written (the emulator artifact's leak check would refuse it, and
+    :class:`~privtune.callbacks.offsite_tuning.EmulatorExport` refuses ``beta = 1``). What ships is unchanged.
+
+    Raises:
+        ValueError: if ``module``'s emulator is not a ScaleOT one, or ``original`` is not its base model.
+    """
+    plan = module.plan
+    if plan.method != "scaleot":
+        raise ValueError(
+            f"`scaleot_no_src` restores the kept blocks of a ScaleOT emulator, but this one is `{plan.method}`. "
+            "HINT: use HarmonizerImportance with LayerReplace (docs/offsite_tuning.md, ablation (e))."
+        )
+    check_base_model(plan, original, what="the original model for the ScaleOT-without-SRC arm")
+    originals = [b.block if isinstance(b, LayerSwitch) else b for b in get_blocks(unwrap(original))]  # stage 1's
+    blocks = get_blocks(unwrap(module.model))
+    kept = {pos: orig for pos, (orig, kind) in enumerate(zip(plan.layer_map, plan.kinds)) if kind == "block"}
+    for pos, orig in kept.items():
+        dtype = next(blocks[pos].parameters()).dtype
+        blocks[pos] = copy.deepcopy(originals[orig]).to(dtype).requires_grad_(False).train(blocks[pos].training)
+    surgery = {k: v for k, v in plan.modules.items() if int(k.split(".", 1)[0]) not in kept}
+    info = plan.info | {"beta": 1.0, "beta_mlp": 1.0, "src": False, "owner_only": True}
+    module.plan = replace(plan, modules=surgery, info=info)
+
+
 def plugged_classifier(model_name: str, adapter_dir: str | Path) -> TextClassifier:
     """The original model with the adapter artifact plugged into its adapter blocks (OT plug-in), untuned.
 
@@ -510,12 +555,14 @@ class OffsiteRecipe:
         emulator_layers: int | None = None,
         arm: str = "emulator",
         adapters: tuple[int, int] = (2, 2),
+        original: nn.Module | None = None,
     ) -> dict[str, Any]:
         """Data owner: emulator ZS, adapter tuning (emulator FT); model owner: plug-in. Returns the rows and costs.
 
         ``emulator_dir=None`` with ``emulator_layers=k`` builds an undistilled ``adapters[0]``-k-``adapters[1]``
         uniform-drop emulator in process (Offsite-Tuning's training-free OT†, which cannot be exported as an
-        artifact: it holds original blocks).
+        artifact: it holds original blocks). With ``original``, the ScaleOT artifact's kept blocks are put back
+        uncompressed in process (:func:`restore_kept_blocks`; ScaleOT without SRC, likewise never exported).
         """
         s, t = self.settings, self.trainers
         source: dict[str, Any] = {"emulator_dir": emulator_dir, "emulator_layers": emulator_layers}
@@ -524,9 +571,13 @@ class OffsiteRecipe:
         out: dict[str, Any] = {}
         start = time.perf_counter()
         untuned = OffsiteFinetune(model_name, **source, tuning="none")
+        if original is not None:
+            restore_kept_blocks(untuned, original)
         out["emulator_zs"] = t.test(f"{arm}_zero_shot", untuned, datamodule)
         out["seconds_emulator_zs"] = time.perf_counter() - start
         module = OffsiteFinetune(model_name, **source, tuning=s.tuning, lr=s.lr)  # type: ignore[arg-type]
+        if original is not None:
+            restore_kept_blocks(module, original)
         start = time.perf_counter()
         timer = t.fit(f"{arm}_data_owner_tuning", module, datamodule, s.max_steps, s.seed)
         save_adapter_artifact(adapter_dir, module.adapter_state(), module.plan)  # the last step's adapters
@@ -603,7 +654,8 @@ class OffsiteRecipe:
         stages[f"data owner: adapter tuning on emulator ({s.max_steps} steps)"] = owner["seconds_emulator_fit"]
         stages["plug-in eval"] = owner["seconds_plug_in"]
 
-        full_params = count_parameters(load_model(model_name))
+        full_model = load_model(model_name)
+        full_params = count_parameters(full_model)
         emulator, _ = load_emulator_artifact(emulator_dir)
         emulator_params = count_parameters(emulator)
         sizes = {
@@ -628,6 +680,14 @@ class OffsiteRecipe:
             )  # fmt: skip
             stages[f"OT uniform drop {name}: zero-shot, tuning, plug-in"] = time.perf_counter() - start
             arms[name] = _arm_row(drop, drop["emulator_params"], full_params)
+        if s.scaleot_no_src:
+            name = f"{arm_name}_no_src"
+            start = time.perf_counter()
+            no_src = self.tune_emulator_and_plug_in(
+                model_name, emulator_dir, str(out_dir / f"adapters_{name}"), datamodule, arm=name, original=full_model
+            )
+            stages[f"{name} (owner side, not exported): zero-shot, tuning, plug-in"] = time.perf_counter() - start
+            arms[name] = _arm_row(no_src, no_src["emulator_params"], full_params)
 
         sweep: list[dict[str, float]] = []
         if s.alphas and stage1 is not None and knobs is not None:
@@ -666,7 +726,8 @@ class OffsiteRecipe:
 
 
 def _arm_name(plan: EmulatorPlan) -> str:
-    return {"scaleot": "scaleot", "uniform_drop": "ot_kd", "gradot": "gradot"}.get(plan.method, plan.method)
+    name = {"scaleot": "scaleot", "uniform_drop": "ot_kd", "gradot": "gradot"}.get(plan.method, plan.method)
+    return f"{name}_uniform_replaced" if plan.info.get("replaced") == "uniform" else name
 
 
 def _arm_row(res: Mapping[str, Any], params: int, full_params: int) -> dict[str, float]:

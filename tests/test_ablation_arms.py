@@ -1,0 +1,251 @@
+"""Ablation arms (b) uniform replaced set + harmonizers and (e) ScaleOT without SRC (docs/offsite_tuning.md).
+
+(b) is a plan knob (``scaleot_plan(replaced="uniform")``, ``EmulatorExport(replaced=...)``); (e) is measured at
+the model owner only (``OffsitePipeline(scaleot_no_src=True)``), never exported: the shipping path still refuses
+uncompressed kept blocks, and nothing the pipeline writes holds an original middle matrix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from lightning.pytorch.cli import LightningCLI
+from torch.utils.data import DataLoader
+
+import privtune.callbacks  # noqa: F401
+import privtune.datamodules  # noqa: F401
+import privtune.modules  # noqa: F401
+from privtune.callbacks.layer_replace import LayerReplace
+from privtune.callbacks.offsite_pipeline import OffsitePipeline
+from privtune.callbacks.offsite_tuning import EmulatorExport
+from privtune.emulator import (
+    OriginalTensorError,
+    build_scaleot_emulator,
+    count_parameters,
+    least_important,
+    load_emulator_artifact,
+    read_plan,
+    save_emulator_artifact,
+    scaleot_plan,
+    uniform_keep_layers,
+)
+from privtune.emulator.artifact import find_original_tensors
+from privtune.emulator.harmonizer import Harmonizer
+from privtune.emulator.low_rank import rank_from_ratio
+from privtune.emulator.plan import uniform_replaced
+from privtune.models import get_blocks, load_model
+from privtune.modules.offsite_finetune import OffsiteFinetune
+from privtune.modules.offsite_importance import HarmonizerImportance
+from privtune.recipes.offsite import restore_kept_blocks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- (b): the uniform replaced set ---------------------------------------------------------------------------------
+
+
+def test_uniform_replaced_set_is_what_ot_drops_at_smollm2_scale() -> None:
+    """SmolLM2-135M, N_a = 4, α = 0.5: the kept blocks are exactly OT 2-13-2's, the 13 others are harmonizers."""
+    plan = scaleot_plan(30, 4, torch.zeros(26), 0.5, replaced="uniform")
+    kept = [s for s, k in plan.middle if k == "block"]
+    assert kept == uniform_keep_layers(30, 13)
+    assert plan.kinds.count("harmonizer") == 13 == len(least_important(torch.zeros(26), list(range(2, 28)), 0.5))
+    assert plan.info["replaced"] == "uniform"
+    gaps = [b - a for a, b in zip(kept, kept[1:])]
+    assert max(gaps) - min(gaps) <= 1  # evenly spaced
+    importance = scaleot_plan(30, 4, torch.arange(26.0), 0.5)  # ScaleOT: the 13 shallowest here (lowest scores)
+    assert [s for s, k in importance.middle if k == "harmonizer"] == list(range(2, 15))
+    assert importance.info["replaced"] == "importance"
+
+
+@pytest.mark.parametrize(("n", "alpha"), [(26, 0.5), (26, 0.6), (10, 0.3), (7, 0.9), (3, 0.5), (1, 0.5), (5, 0.0)])
+def test_uniform_replaced_count_and_spacing(n: int, alpha: float) -> None:
+    candidates = list(range(2, 2 + n))
+    replaced = uniform_replaced(candidates, alpha)
+    assert len(replaced) == math.ceil(alpha * n - 1e-9) == len(least_important(torch.zeros(n), candidates, alpha))
+    assert replaced == sorted(replaced) and set(replaced) <= set(candidates)
+    kept = [c for c in candidates if c not in replaced]
+    if len(kept) >= 2:
+        assert kept[0] == candidates[0] and kept[-1] == candidates[-1]  # OT keeps the first and the last
+        gaps = [b - a for a, b in zip(kept, kept[1:])]
+        assert max(gaps) - min(gaps) <= 1
+
+
+def test_replaced_knob_errors_before_work() -> None:
+    with pytest.raises(ValueError, match="replaced='random'"):
+        scaleot_plan(30, 4, torch.zeros(26), 0.5, replaced="random")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="replaced='random'"):
+        EmulatorExport("unused", replaced="random")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="26 candidate"):
+        scaleot_plan(30, 4, torch.zeros(3), 0.5, replaced="uniform")  # the score count is still checked
+
+
+# --- equal size ------------------------------------------------------------------------------------------------------
+
+
+def _stage1(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.nn.ModuleDict]:
+    torch.manual_seed(seed)
+    model = load_model("tiny-llama").eval()
+    harmonizers = torch.nn.ModuleDict({str(i): Harmonizer(32, 8) for i in (1, 2)})
+    for h in harmonizers.values():  # away from the identity, so that harmonizer outputs differ from their block's
+        torch.nn.init.normal_(h.up.weight, std=0.02)
+    return model, torch.tensor([0.3, -0.2]), harmonizers
+
+
+def test_default_src_stores_dense_so_no_src_at_the_same_alpha_is_the_same_size() -> None:
+    """configs/default.yaml's β / β_mlp on SmolLM2's shapes: factors would not be smaller, so SRC keeps them dense.
+
+    Hence (e) keeps α (not α ≈ 0.6, which would give 10 instead of 13 kept blocks) for the same parameter count.
+    """
+    base = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    export = next(cb for cb in base["trainer"]["callbacks"] if cb["class_path"].endswith("EmulatorExport"))
+    beta, beta_mlp = export["init_args"]["beta"], export["init_args"]["beta_mlp"]
+    hidden, kv, ffn = 576, 192, 1536  # SmolLM2-135M: q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536
+    shapes = {(hidden, hidden): beta, (kv, hidden): beta, (ffn, hidden): beta_mlp, (hidden, ffn): beta_mlp}
+    for shape, b in shapes.items():
+        assert rank_from_ratio(b, shape) * sum(shape) >= shape[0] * shape[1], (shape, b)  # factored_linear: dense
+
+
+def test_uniform_and_importance_choice_give_the_same_size() -> None:
+    model, scores, harmonizers = _stage1()
+    sizes = {}
+    for replaced in ("importance", "uniform"):
+        emulator, plan = build_scaleot_emulator(model, scores, harmonizers, 2, 0.5, 0.5, 0.5, 8, replaced)
+        sizes[replaced] = count_parameters(emulator)
+        assert plan.kinds.count("harmonizer") == 1 and plan.info["replaced"] == replaced
+    assert sizes["importance"] == sizes["uniform"]
+
+
+# --- (e): owner side only, the shipping path unchanged ---------------------------------------------------------------
+
+
+def test_export_still_refuses_uncompressed_kept_blocks(tmp_path, tiny_trainer) -> None:
+    export = EmulatorExport(str(tmp_path / "emu"), adapter_layers=2, alpha=0.5, beta=1.0, beta_mlp=1.0)
+    replace = LayerReplace(adapter_bottom=1, adapter_top=1, harmonizer_rank=8, group_size=2, num_candidates=2, seed=0)
+    with pytest.raises(ValueError, match="beta=1.0.*ships the originals"):
+        tiny_trainer(max_steps=1, callbacks=[replace, export]).fit(HarmonizerImportance("tiny-llama"), _LM())
+    model, scores, harmonizers = _stage1()
+    emulator, plan = build_scaleot_emulator(model, scores, harmonizers, 2, 0.5, 1.0, 1.0, 8)
+    with pytest.raises(OriginalTensorError):
+        save_emulator_artifact(tmp_path / "raw", emulator, plan, model)
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "emu").exists()
+
+
+def test_restore_kept_blocks_is_scaleot_with_beta_one(tmp_path) -> None:
+    model, scores, harmonizers = _stage1()
+    emulator, plan = build_scaleot_emulator(model, scores, harmonizers, 2, 0.5, 0.5, 0.5, 8)
+    save_emulator_artifact(tmp_path / "emu", emulator, plan, model)
+    module = OffsiteFinetune("tiny-llama", emulator_dir=str(tmp_path / "emu"), tuning="full")
+    shipped_plan = module.plan
+    restore_kept_blocks(module, model)
+    reference, _ = build_scaleot_emulator(model, scores, harmonizers, 2, 0.5, 1.0, 1.0, 8)
+    assert count_parameters(module.model) == count_parameters(reference) >= count_parameters(emulator)
+    ids = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(1))
+    module.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(module.model(input_ids=ids).logits, reference.eval()(input_ids=ids).logits, atol=1e-5)
+    trainable = {n.split(".")[2] for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable == {str(p) for p in module.plan.adapter_positions}  # still only the adapters train
+    assert module.plan.info.items() >= {"src": False, "owner_only": True, "beta": 1.0}.items()
+    assert shipped_plan.modules and not module.plan.modules  # the kept blocks' surgery is gone from the plan
+    assert module.plan.middle == shipped_plan.middle
+    kept = next(pos for pos, kind in enumerate(module.plan.kinds) if kind == "block")
+    assert get_blocks(module.model)[kept] is not get_blocks(model)[module.plan.layer_map[kept]]  # a copy
+
+
+def test_restore_kept_blocks_refuses_a_non_scaleot_emulator() -> None:
+    module = OffsiteFinetune("tiny-llama", adapter_bottom=1, adapter_top=1, emulator_layers=1, tuning="none")
+    with pytest.raises(ValueError, match="`uniform_drop`"):
+        restore_kept_blocks(module, load_model("tiny-llama"))
+
+
+class _LM(pl.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        ids = torch.randint(3, 500, (4, 12), generator=torch.Generator().manual_seed(5))
+        rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in ids]
+        return DataLoader(rows, batch_size=2)
+
+    val_dataloader = train_dataloader
+
+
+def test_pipeline_measures_b_and_e_and_writes_no_original_matrix(tmp_path, tiny_trainer) -> None:
+    rng = random.Random(0)
+    words = {"good": ["great", "fine", "love"], "bad": ["awful", "hate", "sad"]}
+    rows = [f"{' '.join(rng.choice(words[lab]) for _ in range(5))},{lab}" for lab in ["good", "bad"] * 30]
+    (tmp_path / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    torch.manual_seed(0)
+    export = EmulatorExport(
+        str(tmp_path / "emu"), adapter_layers=2, alpha=0.5, replaced="uniform", beta=0.5, beta_mlp=0.5
+    )
+    pipeline = OffsitePipeline(
+        str(tmp_path / "report"), task=str(tmp_path / "task.csv"), train_size=16, val_size=8, test_size=8,
+        max_length=16, batch_size=8, max_steps=1, lr=1e-2, scaleot_no_src=True, template="Text: {text}\nSentiment:",
+        label_words=[" negative", " positive"], label_names=["bad", "good"],
+    )  # fmt: skip
+    replace = LayerReplace(adapter_bottom=1, adapter_top=1, harmonizer_rank=8, group_size=2, num_candidates=2, seed=0)
+    module = HarmonizerImportance("tiny-llama", lr=1e-2)
+    tiny_trainer(max_steps=2, callbacks=[replace, export, pipeline]).fit(module, datamodule=_LM())
+    report = json.loads((tmp_path / "report" / "offsite_report.json").read_text())
+    assert set(report["arms"]) == {"scaleot_uniform_replaced", "scaleot_uniform_replaced_no_src"}
+    shipped, no_src = report["arms"]["scaleot_uniform_replaced"], report["arms"]["scaleot_uniform_replaced_no_src"]
+    assert no_src["params"] > shipped["params"]  # at this tiny scale SRC factors the MLP; no SRC keeps it whole
+    plan = read_plan(tmp_path / "emu")
+    assert plan.info["replaced"] == "uniform" and plan.info["beta"] == 0.5  # what ships is compressed
+    assert read_plan(tmp_path / "report" / "adapters_scaleot_uniform_replaced_no_src").info["owner_only"] is True
+    # nothing written anywhere under tmp_path holds an original middle matrix (the exported emulator, both adapter
+    # artifacts): the uncompressed emulator lived only in the process
+    original = module.model
+    written = sorted(tmp_path.rglob("*.pt"))
+    assert len(written) == 3
+    for path in written:
+        state = torch.load(path, weights_only=True)
+        assert not find_original_tensors(state, original, plan), path
+    assert len(get_blocks(load_emulator_artifact(tmp_path / "emu")[0])) == 4
+
+
+# --- the benchmark rows ----------------------------------------------------------------------------------------------
+
+
+class _ParseOnlyCLI(LightningCLI):
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def _ablation():
+    spec = importlib.util.spec_from_file_location("offsite_ablation", REPO / "benchmarks" / "offsite_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["offsite_ablation"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arm", ["b", "e"])
+def test_b_and_e_rows_are_runnable_and_parse(tmp_path, arm: str) -> None:
+    ablation = _ablation()
+    assert arm in ablation.ARMS
+    base = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    row = ablation.row_config(base, arm, "bbc_news", 1, tmp_path)
+    export = ablation._callback(row, "EmulatorExport")["init_args"]
+    pipeline = ablation._callback(row, "OffsitePipeline")["init_args"]
+    assert pipeline["scaleot_no_src"] is True and pipeline["uniform_drop_layers"] is None
+    assert export.get("replaced", "importance") == ("uniform" if arm == "b" else "importance")
+    assert (export["alpha"], export["beta"], export["beta_mlp"]) == (0.5, 0.8, 0.9)  # what ships: unchanged knobs
+    assert math.ceil(export["alpha"] * 26 - 1e-9) == 26 - ablation.EMULATOR_LAYERS  # replaced count = OT 2-13-2's drop
+    path = tmp_path / f"{arm}.yaml"
+    path.write_text(yaml.safe_dump(row, sort_keys=False))
+    cli = _ParseOnlyCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(path)])
+    assert cli.config.model.class_path.endswith("HarmonizerImportance")
+    bad = tmp_path / "bad.yaml"
+    export["replaced"] = "random"
+    bad.write_text(yaml.safe_dump(row, sort_keys=False))
+    with pytest.raises(SystemExit):  # the knob is type-checked: a typo fails at parse time
+        _ParseOnlyCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(bad)])
