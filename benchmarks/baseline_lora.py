@@ -3,7 +3,8 @@
 Runs ``train.py fit --config configs/baseline/lora_smollm2_tweets.yaml`` in this process (the same command as
 ``make train-baseline``) into a fresh run folder, reads the ``TuningReport`` it writes (zero-shot and tuned test
 accuracy, macro-F1, n, training seconds and steps) and writes one JSON result file with the wall time of the whole
-command and the run's provenance (command, commit, date). The README's baseline table is read from that file.
+command, the machine's load average before and after, a 95% Wilson interval per accuracy and the run's provenance
+(command, commit, date). The README's baseline table is read from that file.
 
 Threat model: none; this is the non-private reference point the privacy methods are compared against.
 
@@ -27,6 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from privtune.eval.offsite_report import wilson_interval  # noqa: E402
 from privtune.eval.provenance import commit_paths, run_provenance  # noqa: E402
 
 DEFAULT_CONFIG = "configs/baseline/lora_smollm2_tweets.yaml"
@@ -46,6 +48,8 @@ def run_baseline(config: str, run_dir: Path, extra: list[str]) -> dict[str, Any]
         raise RuntimeError(f"expected one tuning_report.json under {run_dir}, found {[str(p) for p in reports]}")
     report = json.loads(reports[0].read_text())
     rows = report["rows"]
+    for row in rows.values():  # the sampling error of each accuracy on n test examples
+        row["acc_interval_95"] = list(wilson_interval(row["acc"], int(row["n"])))
     return {
         "split": report["split"],
         "zero_shot": rows["zero-shot"],
@@ -79,8 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     if out.suffix != ".json":
         parser.error(f"--out {args.out!r} must end in .json")
     provenance = run_provenance()  # before the run: the commit the run started from
+    load_before = os.getloadavg()
     result = run_baseline(args.config, Path(args.run_dir), args.extra)
-    result = {"config": args.config, "overrides": args.extra, **result, **provenance, "note": args.note}
+    machine = {"cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    result = {"config": args.config, "overrides": args.extra, **result, **machine, **provenance, "note": args.note}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result), flush=True)
