@@ -28,7 +28,7 @@ levels (``95% interval``); four-digit years; and the entries of :data:`ALLOWED` 
 Matching allows the formatting a writer applies: rounding to the digits shown (half a unit in the last place),
 percent against fraction (``67.7%`` matches ``0.677``), thousands separators, a leading ``+``/``−`` (the value
 or, for gains written with a sign, its magnitude), durations (``7 min 57 s`` is 477 s; ``102.7 min`` matches
-seconds or minutes) and sizes in MB/GB against bytes.
+seconds or minutes) sizes in MB/GB against bytes, and ``89.5 M`` (parameters) against a count.
 
 Threat model: none; this guards the honesty of the published evaluation, not a privacy mechanism.
 """
@@ -58,7 +58,7 @@ _MEASURE_HEADER = re.compile(
 )
 _RESULT_PATH = re.compile(r"benchmarks/results/[\w.*?\[\]/-]+")
 _MARKER = re.compile(r"<!--\s*results?:\s*(.*?)-->", re.DOTALL)
-_UNIT = r"(?:%|×|\s?(?:ms|s|sec|min|h|MB|GB|GiB|MiB|KB|kB|points|pts|pp)\b|\s?[A-Za-z]+/s\b)"
+_UNIT = r"(?:%|×|\s?(?:ms|s|sec|min|h|MB|GB|GiB|MiB|KB|kB|points|pts|pp|M)\b|\s?[A-Za-z]+/s\b)"
 # a number not joined to a name: no letter, digit, '_', '=', '/', '.', 'v' or ASCII '-' right before it, none after
 _NUMBER = re.compile(
     r"(?<![\w=/.\-])(?P<sign>[+\-−]?)(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?![\w.,]\d|[A-Za-z_]|-\d)"
@@ -348,6 +348,8 @@ def matches(figure: Figure, value: float) -> bool:
         candidates += [value / 1e6, value / 2**20]
     if figure.unit in ("GB", "GiB"):
         candidates += [value / 1e9, value / 2**30, value / 1e3, value / 1024]
+    if figure.unit == "M":
+        candidates.append(value / 1e6)
     if figure.unit in ("KB", "kB"):
         candidates += [value / 1e3, value / 1024]
     targets = [shown, abs(shown)] if figure.signed else [shown]
