@@ -65,7 +65,7 @@ _NUMBER = re.compile(
 )
 _DURATION = re.compile(r"(?P<m>\d+)\s?min\s(?P<s>\d+(?:\.\d+)?)\s?s\b")
 _ASSIGNED = re.compile(r"[=≤≥<>]\s*[+\-−]?$")
-_LEVEL = re.compile(r"%?\s?(?:confidence|interval|CI)\b")
+_LEVEL = re.compile(r"%?\s?(?:[A-Z][a-z]+\s)?(?:confidence|intervals?|CI)\b")
 _YEAR = re.compile(r"^(19|20)\d\d$")
 
 
