@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--sample-fraction", type=float, default=0.01, help="with --config: the cohort per round")
     parser.add_argument("--train-size", type=int, default=1800, help="with --config: training examples in all")
     parser.add_argument("--test-size", type=int, default=100, help="with --config: evaluation examples in all")
+    parser.add_argument("--name", default=None, help="with --config: result file stem (default model_N_cohortM)")
     args = parser.parse_args()
     if args.config is not None:
         scale(args)
@@ -220,7 +221,7 @@ def scale(args: argparse.Namespace) -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{model}_{args.clients}_cohort{result['cohort']}"
+    name = args.name or f"{model}_{args.clients}_cohort{result['cohort']}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     (out / f"{name}.md").write_text(_scale_markdown(result))
     print(_scale_markdown(result))

@@ -281,12 +281,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-client", type=int, default=32, help="training examples per client")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole Flower run")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads of every process (OMP_NUM_THREADS; 0: torch's default)"
+    )
     parser.add_argument("--name", default="minilm_bbc_4clients")
     parser.add_argument("--out", default="benchmarks/results/flower_round_overhead")
     args = parser.parse_args()
     if args.clients < 1 or args.rounds < 1 or args.per_client < 1:
         parser.error("`--clients`, `--rounds` and `--per-client` must be >= 1.")
 
+    if args.threads > 0:  # inherited by the SuperNodes' ClientApp processes and the ServerApp
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)
     from privtune.eval.provenance import run_provenance
 
     load_before = os.getloadavg()
@@ -322,6 +330,7 @@ def main() -> None:
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in load_after],
         "cpu_count": os.cpu_count(),
+        "torch_threads": args.threads or "default",
         "provenance": run_provenance(),
     }
     out = Path(args.out)
