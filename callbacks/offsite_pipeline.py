@@ -57,6 +57,9 @@ class OffsitePipeline(pl.Callback):
         scaleot_no_src: also tune and plug the exported ScaleOT emulator with its kept blocks put back uncompressed
             (ablation (e), ScaleOT without SRC, same size), built in this process and never written
             (:func:`~privtune.recipes.offsite.restore_kept_blocks`).
+        extraction: also fine-tune every parameter of the exported emulator on the task (the privacy audit's
+            stronger data owner) and report its accuracy and the extraction gap ``plug-in − extraction``.
+        extraction_lr: learning rate of that run.
         seed: seed of the task split and the tuning runs.
         title: first line of the report.
         template: prompt of a file task (one ``{text}`` slot).
@@ -85,6 +88,8 @@ class OffsitePipeline(pl.Callback):
         alphas: list[float] | None = None,
         uniform_drop_layers: int | None = None,
         scaleot_no_src: bool = False,
+        extraction: bool = False,
+        extraction_lr: float = 2e-5,
         seed: int = 0,
         title: str = "",
         template: str = "Text: {text}\nLabel:",
@@ -106,6 +111,8 @@ class OffsitePipeline(pl.Callback):
             alphas=list(alphas or []),
             uniform_drop_layers=uniform_drop_layers,
             scaleot_no_src=scaleot_no_src,
+            extraction=extraction,
+            extraction_lr=extraction_lr,
             seed=seed,
             title=title,
             template=template,

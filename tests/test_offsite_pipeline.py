@@ -474,3 +474,26 @@ def test_a_bad_data_owner_task_fails_before_stage_1(tmp_path, synthetic_csv, tin
         tiny_trainer(max_steps=1, callbacks=[_replace(), export, pipeline]).fit(
             _NeverTrains("tiny-llama"), datamodule=FixedLM()
         )
+
+
+def test_extraction_tunes_every_emulator_parameter_and_reports_its_gap(tmp_path, synthetic_csv, tiny_trainer) -> None:
+    module = HarmonizerImportance("tiny-llama", lr=1e-2)
+    export = EmulatorExport(str(tmp_path / "emu"), adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=0.75)
+    pipeline = _pipeline(tmp_path / "report", synthetic_csv, extraction=True, extraction_lr=1e-2)
+    tiny_trainer(max_epochs=1, callbacks=[_replace(), export, pipeline]).fit(module, datamodule=FixedLM())
+    report = json.loads((tmp_path / "report" / "offsite_report.json").read_text())
+    s = report["settings"]
+    assert "extraction" in s
+    assert report["extraction_gap_points"] == pytest.approx(100 * (s["plug_in"]["acc"] - s["extraction"]["acc"]))
+    assert "Extraction gap" in (tmp_path / "report" / "offsite_report.md").read_text()
+    # the owner's leak-check record, summarised: how close the kept matrices are to their originals
+    lo, hi = (float(v) for v in report["emulator"]["kept matrices: cosine to the original (min–max)"].split("–"))
+    assert -1.0 <= lo <= hi <= 1.0
+    # the attacker's model: every parameter of the shipped emulator is trainable, not only the adapters
+    attacker = OffsiteFinetune("tiny-llama", emulator_dir=str(tmp_path / "emu"), tuning="emulator")
+    owner = OffsiteFinetune("tiny-llama", emulator_dir=str(tmp_path / "emu"), tuning="full")
+    everything = sum(p.numel() for p in attacker.model.parameters())
+    assert sum(p.numel() for p in attacker.model.parameters() if p.requires_grad) == everything
+    assert 0 < sum(p.numel() for p in owner.model.parameters() if p.requires_grad) < everything
+    with pytest.raises(ValueError, match="extraction_lr"):
+        _pipeline(tmp_path / "r2", synthetic_csv, extraction=True, extraction_lr=0.0)

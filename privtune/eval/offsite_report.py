@@ -10,11 +10,14 @@ emulator_zs    pretrained adapters + emulator      raw shipped artefact (lower =
 ft             adapter blocks tuned in the full    utility upper bound (same adapter budget)
 emulator_ft    tuned adapters + emulator           what the data owner gets alone
 plug_in        tuned adapters + original middle    what the model owner delivers
+extraction     every emulator parameter tuned      optional: a stronger data owner (privacy audit)
 =============  ==================================  =============================================
 
 **Privacy gap** ``Δ = plug_in − emulator_ft`` in accuracy points: how much better the delivered model is
-than what the data owner can get without the model owner (larger is better for the owner). Torch-free:
-plain dicts in, JSON / Markdown / PNG out.
+than what the data owner can get without the model owner (larger is better for the owner). The **extraction gap**
+``plug_in − extraction`` asks the same of a data owner who fine-tunes every parameter the emulator holds (kept
+compressed blocks, harmonizers, embeddings, adapters) instead of the adapters only: the model owner's protection
+against the strongest use of the shipped artefact we field. Torch-free: plain dicts in, JSON / Markdown / PNG out.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ SETTINGS: dict[str, str] = {
     "ft": "Full fine-tuning (same adapter blocks)",
     "emulator_ft": "Emulator fine-tuned",
     "plug_in": "Plug-in",
+    "extraction": "Extraction: every emulator parameter fine-tuned by the data owner",
 }
 
 
@@ -88,6 +92,14 @@ class OffsiteReport:
         return None
 
     @property
+    def extraction_gap(self) -> float | None:
+        """``plug-in − extraction`` in points: the gap to a data owner who tunes every parameter of the emulator."""
+        s = self.settings
+        if "plug_in" in s and "extraction" in s:
+            return privacy_gap(s["plug_in"]["acc"], s["extraction"]["acc"])
+        return None
+
+    @property
     def zero_shot_interval(self) -> tuple[float, float] | None:
         """95% Wilson interval of full zero-shot on ``meta["test_size"]`` examples, when both are known."""
         n = self.meta.get("test_size")
@@ -99,6 +111,7 @@ class OffsiteReport:
         """JSON-ready dict, with the derived privacy gap, ratios and the full zero-shot interval."""
         out = asdict(self)
         out["privacy_gap_points"] = self.gap
+        out["extraction_gap_points"] = self.extraction_gap
         interval = self.zero_shot_interval
         if interval is not None:
             out["full_zs_interval_95"] = list(interval)
@@ -118,6 +131,8 @@ class OffsiteReport:
                 lines.append(f"| {name} | {100 * row['acc']:.1f}% | {row.get('f1', float('nan')):.3f} |")
         if self.gap is not None:
             lines.append(f"| **Privacy gap Δ (plug-in − emulator FT)** | **{self.gap:+.1f} pts** | |")
+        if self.extraction_gap is not None:
+            lines.append(f"| **Extraction gap (plug-in − extraction)** | **{self.extraction_gap:+.1f} pts** | |")
         interval = self.zero_shot_interval
         if interval is not None:
             lines.append(

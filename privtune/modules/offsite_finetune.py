@@ -40,7 +40,7 @@ from privtune.models import get_blocks, is_decoder, load_model, load_tokenizer, 
 from privtune.models.scoring import classification_logits
 from privtune.modules.optim import build_optimizer, keep_trainable_tensors
 
-AdapterTuning = Literal["full", "lora", "none"]
+AdapterTuning = Literal["full", "lora", "none", "emulator"]
 
 
 class OffsiteFinetune(pl.LightningModule):
@@ -52,7 +52,10 @@ class OffsiteFinetune(pl.LightningModule):
         adapter_bottom: bottom adapter blocks (in-process emulator only).
         adapter_top: top adapter blocks (in-process emulator only).
         emulator_layers: ``k`` middle blocks kept by uniform drop (in-process emulator only).
-        tuning: ``full`` (all adapter weights), ``lora`` (inside the adapter blocks) or ``none``.
+        tuning: ``full`` (all adapter weights), ``lora`` (inside the adapter blocks), ``none``, or ``emulator``:
+            every parameter of the emulator, middle and embeddings included. ``emulator`` is the privacy audit's
+            extraction attacker (a data owner who uses the emulator itself as its model); its adapters are not
+            meant for plug-in, since they were tuned against a middle that moved with them.
         lr: learning rate.
         optimizer: optimizer factory (YAML ``class_path``/``init_args``); AdamW by default.
         weight_decay: weight decay of the default AdamW.
@@ -82,8 +85,8 @@ class OffsiteFinetune(pl.LightningModule):
     ) -> None:
         super().__init__()
         problems = []
-        if tuning not in ("full", "lora", "none"):
-            problems.append(f"`tuning={tuning!r}` must be one of full, lora, none")
+        if tuning not in ("full", "lora", "none", "emulator"):
+            problems.append(f"`tuning={tuning!r}` must be one of full, lora, none, emulator")
         if not lr > 0:
             problems.append(f"`lr={lr}` must be > 0")
         if emulator_dir is None and emulator_layers is None:
@@ -115,6 +118,8 @@ class OffsiteFinetune(pl.LightningModule):
             emulator = self._add_lora(emulator, lora_r, lora_alpha, lora_dropout)
         elif tuning == "none":
             emulator.requires_grad_(False)
+        elif tuning == "emulator":
+            emulator.requires_grad_(True)
         self.model = emulator
         self.model.train()
         self.decoder = is_decoder(self.model)

@@ -61,6 +61,7 @@ from privtune.emulator import (
     save_adapter_artifact,
     save_emulator_artifact,
 )
+from privtune.emulator.artifact import artifact_summary
 from privtune.emulator.harmonizer import LayerSwitch
 from privtune.eval.offsite_report import OffsiteReport, privacy_gap
 from privtune.models import get_blocks, load_model, unwrap
@@ -138,6 +139,10 @@ class PipelineSettings:
         scaleot_no_src: also tune and plug the exported ScaleOT emulator with its kept middle blocks put back
             uncompressed (ablation (e), ScaleOT without SRC; same positions, harmonizers and parameter count), built
             in process at the model owner and never written (:func:`restore_kept_blocks`).
+        extraction: also let the data owner fine-tune every parameter of the exported emulator (same steps, task
+            and split; ``extraction_lr``) and report that accuracy (``extraction``) and the extraction gap
+            ``plug-in − extraction``: the privacy audit's stronger data owner.
+        extraction_lr: learning rate of the extraction run (every parameter moves, so lower than ``lr``).
         seed: seed of the task split and of the tuning runs.
         title: first line of the report.
         template: prompt of a file task (one ``{text}`` slot).
@@ -159,6 +164,8 @@ class PipelineSettings:
     alphas: list[float] = field(default_factory=list)
     uniform_drop_layers: int | None = None
     scaleot_no_src: bool = False
+    extraction: bool = False
+    extraction_lr: float = 2e-5
     seed: int = 0
     title: str = ""
     template: str = "Text: {text}\nLabel:"
@@ -181,6 +188,8 @@ class PipelineSettings:
                 problems.append(f"`{name}={getattr(self, name)}` must be >= 1")
         if not self.lr > 0:
             problems.append(f"`lr={self.lr}` must be > 0")
+        if not self.extraction_lr > 0:
+            problems.append(f"`extraction_lr={self.extraction_lr}` must be > 0")
         bad = [a for a in self.alphas if not 0.0 <= a < 1.0]
         if bad:
             problems.append(f"`alphas={self.alphas}`: {bad} outside [0, 1)")
@@ -591,6 +600,14 @@ class OffsiteRecipe:
         out["seconds_plug_in"] = time.perf_counter() - start
         return out
 
+    def extraction(self, model_name: str, emulator_dir: str, datamodule: pl.LightningDataModule) -> dict[str, float]:
+        """The extraction attacker's accuracy: the data owner fine-tunes every parameter of the shipped emulator
+        (not only the adapters) on its task with the same steps and split, and uses the emulator as its model."""
+        s, t = self.settings, self.trainers
+        module = OffsiteFinetune(model_name, emulator_dir=emulator_dir, tuning="emulator", lr=s.extraction_lr)
+        t.fit("extraction_every_emulator_parameter", module, datamodule, s.max_steps, s.seed)
+        return t.test("extraction", module, datamodule)
+
     def full_model(
         self, model_name: str, datamodule: pl.LightningDataModule, adapter_indices: Sequence[int]
     ) -> tuple[dict[str, float], dict[str, float], StepTimer]:
@@ -653,6 +670,10 @@ class OffsiteRecipe:
         stages["emulator zero-shot eval"] = owner["seconds_emulator_zs"]
         stages[f"data owner: adapter tuning on emulator ({s.max_steps} steps)"] = owner["seconds_emulator_fit"]
         stages["plug-in eval"] = owner["seconds_plug_in"]
+        if s.extraction:
+            start = time.perf_counter()
+            rows["extraction"] = self.extraction(model_name, emulator_dir, datamodule)
+            stages[f"extraction: every emulator parameter tuned ({s.max_steps} steps)"] = time.perf_counter() - start
 
         full_model = load_model(model_name)
         full_params = count_parameters(full_model)
@@ -668,6 +689,7 @@ class OffsiteRecipe:
             "params ratio": round(emulator_params / full_params, 3),
             "middle params": count_parameters(emulator, plan),
             **plan.info,
+            **_closeness_rows(emulator_dir),
         }
         arms = {arm_name: _arm_row(owner, emulator_params, full_params)}
         if s.uniform_drop_layers is not None:
@@ -723,6 +745,25 @@ class OffsiteRecipe:
         report.write(out_dir)
         rank_zero_info("\n" + report.markdown())
         return report.to_dict()
+
+
+def _closeness_rows(emulator_dir: str) -> dict[str, str]:
+    """The owner's leak-check record summarised for the report: how close each kept matrix is to its original
+    (relative error and cosine, min–max over matrices) and the nearest any emulator matrix came to an original."""
+    closeness = artifact_summary(emulator_dir).get("closeness")
+    if not closeness:
+        return {}
+    rows = {}
+    if closeness.get("kept_rel_error_range"):
+        lo, hi = closeness["kept_rel_error_range"]
+        rows["kept matrices: relative error to the original (min–max)"] = f"{lo:.3f}–{hi:.3f}"
+    if closeness.get("kept_cosine_range"):
+        lo, hi = closeness["kept_cosine_range"]
+        rows["kept matrices: cosine to the original (min–max)"] = f"{lo:.3f}–{hi:.3f}"
+    nearest = closeness.get("nearest")
+    if nearest:
+        rows["nearest any emulator matrix came to an original (relative error)"] = f"{nearest['rel_error']:.3f}"
+    return rows
 
 
 def _arm_name(plan: EmulatorPlan) -> str:
