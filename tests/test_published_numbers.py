@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: figures without a backing result file per Markdown file when the check was introduced; may only go down
 UNBACKED_CEILING: dict[str, int] = {
-    "README.md": 80,
+    "README.md": 72,
     "docs/dp_sgd.md": 12,
     "docs/federated.md": 55,
     "docs/offsite_tuning.md": 51,
