@@ -157,6 +157,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=None, help="one run per seed (new partitions)")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs' report.json")
     parser.add_argument("--commit", action="store_true", help="git-commit each run's report as it lands")
+    parser.add_argument(
+        "--docs", nargs="*", default=[], help="Markdown files whose `<!-- fed-controls:<out name> -->` block to rewrite"
+    )
     # any other argument (``--trainer.x=1``, ``--data.init_args.y=2``) is passed on to every train.py run
     args, extra = parser.parse_known_args()
     bad = [a for a in extra if not a.startswith(("--trainer.", "--model.", "--data.", "--seed_everything"))]
@@ -208,6 +211,12 @@ def main() -> None:
         )
         (out / "summary.md").write_text(md)
         print(md)
+        from privtune.eval.includes import replace_block
+
+        body = md.split("\n", 1)[1].strip()  # without the title
+        for doc in args.docs:
+            rel = out.resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix()
+            replace_block(doc, f"fed-controls:{out.name}", body, [f"{rel}/summary.md", f"{rel}/summary.json"])
         if args.commit:
             commit_paths([str(out)], f"FedPepTAO controls: {out.name} summary over seeds {args.seeds}")
 

@@ -83,3 +83,17 @@ def test_the_client_dp_table_refuses_a_base_without_client_dp(tmp_path: Path, mo
     with pytest.raises(SystemExit):
         bench.main()
     assert not (tmp_path / "o" / "seed0").exists()
+
+
+def test_a_generated_block_is_replaced_between_its_markers_only(tmp_path: Path) -> None:
+    from privtune.eval.includes import replace_block
+
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- t -->\nold 0.5\n<!-- /t -->\noutro\n")
+    assert replace_block(doc, "t", "| a | 0.9 |", ["benchmarks/results/x/summary.md"])
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("<!-- /t -->\noutro\n") and "old" not in text
+    assert "<!-- result: benchmarks/results/x/summary.md -->\n| a | 0.9 |" in text
+    assert not replace_block(doc, "t", "| a | 0.9 |", ["benchmarks/results/x/summary.md"])  # idempotent
+    with pytest.raises(ValueError, match="markers"):
+        replace_block(doc, "missing", "x", ["y"])
