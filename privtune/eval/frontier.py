@@ -392,15 +392,15 @@ def plot(summary: Mapping[str, Any], path: Path) -> Path | None:
         for r in dp:
             ax.annotate(f"ε={r['target_epsilon']:g}", (r["auc"]["mean"], r["accuracy"]["mean"]), fontsize=8)
     markers = {"baseline": "s", "offsite": "^", "federated": "D", "shaking": "P"}
-    for r in done:
-        if r["family"] == "dp_sgd":
-            continue
+    others = [r for r in done if r["family"] != "dp_sgd"]
+    for i, r in enumerate(others):
         ax.errorbar(
             r["auc"]["mean"],
             r["accuracy"]["mean"],
             xerr=r["auc"]["std"],
             yerr=r["accuracy"]["std"],
             fmt=markers.get(r["family"], "o"),
+            color=plt.get_cmap("tab10")((i + 1) % 10),  # tab:blue is DP-SGD's line
             capsize=3,
             label=r["label"] + ("" if len(r["seeds"]) >= SEEDS_EXPECTED else f" ({len(r['seeds'])} seed)"),
         )
