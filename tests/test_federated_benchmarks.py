@@ -97,3 +97,17 @@ def test_a_generated_block_is_replaced_between_its_markers_only(tmp_path: Path) 
     assert not replace_block(doc, "t", "| a | 0.9 |", ["benchmarks/results/x/summary.md"])  # idempotent
     with pytest.raises(ValueError, match="markers"):
         replace_block(doc, "missing", "x", ["y"])
+
+
+def test_a_federated_run_reports_membership_inference_on_its_global_and_personal_models(tmp_path: Path) -> None:
+    from train import main as train_main
+
+    config = _tiny(tmp_path, num_rounds=1, membership_audit=True, membership_examples=16)
+    fed = "--trainer.strategy.init_args.federated."
+    train_main(["fit", "--config", str(config), f"{fed}report_dir={tmp_path / 'r'}", "--data.init_args.partition_dir="
+                f"{tmp_path / 'r'}", f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    audit = report["membership"]
+    assert audit["n_members"] == audit["n_nonmembers"] == 16
+    for name in ("global", "personalised"):
+        assert 0.0 <= audit[name]["attacks"]["loss"]["auc"]["value"] <= 1.0

@@ -387,3 +387,33 @@ def test_global_and_personalised_accuracy_are_reported_separately() -> None:
     # nothing personal (every tensor communicated): the two numbers coincide
     whole = _run(_config(layers="all", selected_layers=None))
     assert all(h["fed/global_acc"] == h["fed/personalized_acc"] for h in whole.history)
+
+
+def test_membership_audit_scores_participants_training_data_against_held_out_data() -> None:
+    from privtune.attacks.membership import roc_auc
+    from privtune.federated.membership import _losses, federated_membership
+
+    loop = _run(_config(num_rounds=2))
+    out = federated_membership(loop, max_examples=10, seed=3)
+    assert out["n_members"] == out["n_nonmembers"] == 10 and out["participants"] == len(loop.store.clients)
+    assert set(out) >= {"global", "personalised"}
+    for name in ("global", "personalised"):
+        auc = out[name]["attacks"]["loss"]["auc"]
+        assert auc["low"] <= auc["value"] <= auc["high"] and "loss" in out[name]["negative_control"]
+    # the global report is the loss attack on the global model: recompute it by hand
+    data = ToyData()
+    rng = __import__("numpy").random.default_rng(3)
+    members = [(c, x) for c in sorted(loop.store.clients) for x in TensorDataset(data.x[c])]
+    nonmembers = [(c, x) for c in range(6) for x in TensorDataset(data.x[c])]
+    members = [members[i] for i in sorted(rng.choice(len(members), 10, replace=False))]
+    nonmembers = [nonmembers[i] for i in sorted(rng.choice(len(nonmembers), 10, replace=False))]
+    collate = DataLoader(TensorDataset(data.x[0])).collate_fn
+    by_hand = roc_auc(-_losses(loop, members, collate, False), -_losses(loop, nonmembers, collate, False))
+    assert out["global"]["attacks"]["loss"]["auc"]["value"] == pytest.approx(by_hand)
+    # without personal layers nothing is personal: one report
+    frozen = _run(_config(num_rounds=1, personal_layers=False))
+    assert "personalised" not in federated_membership(frozen, max_examples=4)
+    idle = FederatedLoop(_config())
+    idle.setup(ToyClient(), ToyData())
+    with pytest.raises(ValueError, match="at least one client trained"):
+        federated_membership(idle)

@@ -67,6 +67,10 @@ class FederatedConfig:
             with ``q = sampled / all clients`` per round; the run stops before a round that would exceed
             ``target_epsilon``. In YAML ``client_dp: {clipping_norm: 0.5, target_epsilon: 3.0, delta: 1e-4}`` (the
             typed arguments of :class:`~privtune.federated.client_dp.ClientLevelDP`). ``None``: off.
+        membership_audit: at the end, attack the global and the personalised models with membership inference
+            (members: training examples of clients that took part; non-members: held-out examples; see
+            :mod:`privtune.federated.membership`) and put the reports in the run's report.
+        membership_examples: at most this many members and as many non-members for that audit.
         eval_every: personalised evaluation every this many rounds (and always at the last round).
         seed: seed of sampling, client data order and dropout.
         report_dir: where the JSON / Markdown report and the plot are written at the end (None: no report).
@@ -99,6 +103,8 @@ class FederatedConfig:
     reset_local_optimizer: bool | None = None
     local_zero_grad: bool | None = None
     client_dp: ClientLevelDP | None = None
+    membership_audit: bool = False
+    membership_examples: int = 200
     eval_every: int = 1
     seed: int = 42
     report_dir: str | None = None
@@ -147,6 +153,7 @@ class FederatedConfig:
             problems.append(f"`proximal_mu` (FedProx) must be >= 0; got {self.proximal_mu}.")
         check(self.local_epochs >= 1, f"`local_epochs` must be >= 1; got {self.local_epochs}.")
         check(self.local_max_steps >= 0, f"`local_max_steps` must be >= 0; got {self.local_max_steps}.")
+        check(self.membership_examples >= 2, f"`membership_examples` must be >= 2; got {self.membership_examples}.")
         check(self.eval_every >= 1, f"`eval_every` must be >= 1; got {self.eval_every}.")
         check(self.client_lr is None or self.client_lr > 0, f"`client_lr` must be > 0; got {self.client_lr}.")
         check(

@@ -131,6 +131,19 @@ class _FederatedMixin:
         if out is None or rank != 0:
             return
         report = {"strategy": type(self).__name__, "world_size": world, **self.loop.report()}
+        if self.federated.membership_audit:  # every client state is on every rank: rank 0 audits alone
+            from privtune.federated.membership import federated_membership
+
+            report["membership"] = federated_membership(
+                self.loop, self.federated.membership_examples, seed=self.federated.seed
+            )
+            for name in ("global", "personalised"):
+                if name in report["membership"]:
+                    auc = report["membership"][name]["attacks"]["loss"]["auc"]
+                    rank_zero_info(
+                        f"[federated] membership, {name} model: loss-attack AUC {auc['value']:.3f} "
+                        f"[{auc['low']:.3f}, {auc['high']:.3f}]"
+                    )
         write_run_report(Path(out), report)
         torch.save({k: v.detach().cpu() for k, v in self.loop.global_state.items()}, Path(out) / "global_prompt.pt")
 
