@@ -218,7 +218,8 @@ def main() -> None:
             rel = out.resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix()
             replace_block(doc, f"fed-controls:{out.name}", body, [f"{rel}/summary.md", f"{rel}/summary.json"])
         if args.commit:
-            commit_paths([str(out)], f"FedPepTAO controls: {out.name} summary over seeds {args.seeds}")
+            keep = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".md", ".png", ".yaml")]
+            commit_paths([str(p) for p in keep], f"FedPepTAO controls: {out.name} summary over seeds {args.seeds}")
 
 
 if __name__ == "__main__":
