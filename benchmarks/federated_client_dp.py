@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--epsilons", nargs="*", default=list(EPSILONS), choices=list(EPSILONS))
     parser.add_argument("--commit", action="store_true", help="git-commit each run's report as it lands")
     parser.add_argument("--summarise-only", action="store_true", help="only rebuild summary.md from the runs")
+    parser.add_argument("--docs", nargs="*", default=[], help="Markdown files whose `<!-- client-dp -->` block to rewrite")
     args = parser.parse_args()
 
     from privtune.eval.provenance import commit_paths
@@ -196,6 +197,13 @@ def main() -> None:
                         )
     table = summarise(out, args.seeds, args.base)
     print(table)
+    if args.docs:
+        from privtune.eval.includes import replace_block
+
+        rel = out.resolve().relative_to(ROOT).as_posix()
+        body = (out / "summary.md").read_text().split("\n", 1)[1].strip()
+        for doc in args.docs:
+            replace_block(doc, "client-dp", body, [f"{rel}/summary.md", f"{rel}/summary.json"])
     if args.commit:
         commit_paths([str(out / "summary.json"), str(out / "summary.md")], "Client-level DP: summary")
 
