@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--epsilons", nargs="*", default=list(EPSILONS), choices=list(EPSILONS))
     parser.add_argument("--commit", action="store_true", help="git-commit each run's report as it lands")
     parser.add_argument("--summarise-only", action="store_true", help="only rebuild summary.md from the runs")
-    parser.add_argument("--docs", nargs="*", default=[], help="Markdown files whose `<!-- client-dp -->` block to rewrite")
+    parser.add_argument("--docs", nargs="*", default=[], help="Markdown files with a client-dp block")
     args = parser.parse_args()
 
     from privtune.eval.provenance import commit_paths
