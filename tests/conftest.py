@@ -78,3 +78,19 @@ def _restore_environment() -> Iterator[None]:
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.fixture
+def load_benchmark() -> Callable[[str], Any]:
+    """Import ``benchmarks/<name>.py`` as a module (benchmarks are scripts, not a package)."""
+    from pathlib import Path
+
+    def load(name: str) -> Any:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -3,11 +3,10 @@ cohort per round on the tiny config and times every phase."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import pytest
 import yaml
@@ -15,16 +14,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_overhead_config_has_every_client_sampled_and_no_report_files(tmp_path: Path) -> None:
-    bench = _load("flower_round_overhead")
+def test_overhead_config_has_every_client_sampled_and_no_report_files(tmp_path: Path, load_benchmark: Any) -> None:
+    bench = load_benchmark("flower_round_overhead")
     path = bench.derived_config(ROOT / "configs/fed_prompt/fedpeptao_code.yaml", tmp_path, 4, 3, 32)
     raw = yaml.safe_load(path.read_text())
     fed = raw["trainer"]["strategy"]["init_args"]["federated"]
@@ -36,8 +27,10 @@ def test_overhead_config_has_every_client_sampled_and_no_report_files(tmp_path: 
     assert raw["model"]["init_args"]["model"] == "all-minilm-l6-v2"
 
 
-def test_scale_mode_samples_a_cohort_and_times_each_phase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bench = _load("federated_memory")
+def test_scale_mode_samples_a_cohort_and_times_each_phase(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, load_benchmark: Any
+) -> None:
+    bench = load_benchmark("federated_memory")
     out = tmp_path / "out"
     argv = ["x", "--config", str(ROOT / "configs/fed_prompt/tiny_debug.yaml"), "--clients", "20"]
     argv += ["--sample-fraction", "0.1", "--rounds", "2", "--train-size", "40", "--test-size", "20"]
@@ -51,8 +44,10 @@ def test_scale_mode_samples_a_cohort_and_times_each_phase(tmp_path: Path, monkey
     assert result["provenance"]["command"] and (out / "tiny-bert_20_cohort2.md").exists()
 
 
-def test_scale_mode_refuses_more_clients_than_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bench = _load("federated_memory")
+def test_scale_mode_refuses_more_clients_than_examples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, load_benchmark: Any
+) -> None:
+    bench = load_benchmark("federated_memory")
     argv = ["x", "--config", str(ROOT / "configs/fed_prompt/tiny_debug.yaml"), "--clients", "50"]
     monkeypatch.setattr(sys, "argv", [*argv, "--train-size", "40", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="train-size"):

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tiny(tmp_path: Path, **federated: object) -> Path:
@@ -31,8 +22,10 @@ def _tiny(tmp_path: Path, **federated: object) -> Path:
 
 
 @pytest.mark.slow
-def test_the_controls_run_over_seeds_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bench = _load("federated_compare")
+def test_the_controls_run_over_seeds_and_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, load_benchmark: Any
+) -> None:
+    bench = load_benchmark("federated_compare")
     out = tmp_path / "out"
     methods = ["FedAvg (FedPepTAO's layers, no personal layers)"]
     argv = ["x", "--config", str(_tiny(tmp_path)), "--out", str(out), "--seeds", "0", "1", "--target", "0.5"]
@@ -52,8 +45,10 @@ def test_the_controls_run_over_seeds_and_resume(tmp_path: Path, monkeypatch: pyt
     bench.main()
 
 
-def test_the_controls_refuse_an_unknown_method_before_any_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    bench = _load("federated_compare")
+def test_the_controls_refuse_an_unknown_method_before_any_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, load_benchmark: Any
+) -> None:
+    bench = load_benchmark("federated_compare")
     monkeypatch.setattr(sys, "argv", ["x", "--config", "c.yaml", "--out", str(tmp_path), "--methods", "FedMagic"])
     with pytest.raises(SystemExit):
         bench.main()
@@ -62,9 +57,9 @@ def test_the_controls_refuse_an_unknown_method_before_any_run(monkeypatch: pytes
 
 @pytest.mark.slow
 def test_the_client_dp_table_runs_each_epsilon_and_reports_the_noise(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, load_benchmark: Any
 ) -> None:
-    bench = _load("federated_client_dp")
+    bench = load_benchmark("federated_client_dp")
     base = _tiny(tmp_path, client_dp={"clipping_norm": 0.5, "target_epsilon": 8.0, "delta": 1e-3})
     out = tmp_path / "dp"
     argv = ["x", "--base", str(base), "--out", str(out), "--seeds", "0", "--methods", "fedavg"]
@@ -77,8 +72,10 @@ def test_the_client_dp_table_runs_each_epsilon_and_reports_the_noise(
     assert "| FedAvg (all layers) | 3 | 1 |" in (out / "summary.md").read_text()
 
 
-def test_the_client_dp_table_refuses_a_base_without_client_dp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bench = _load("federated_client_dp")
+def test_the_client_dp_table_refuses_a_base_without_client_dp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, load_benchmark: Any
+) -> None:
+    bench = load_benchmark("federated_client_dp")
     monkeypatch.setattr(sys, "argv", ["x", "--base", str(_tiny(tmp_path)), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit):
         bench.main()
