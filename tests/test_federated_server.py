@@ -201,6 +201,31 @@ def test_fedpeptao_reductions() -> None:
     torch.testing.assert_close(out["p"], torch.ones(2))
 
 
+def _fedpeptao_correction(num_steps: int, cohort: int, mode: str = "chained") -> float:
+    """The round-3 ``server/correction_over_fedavg`` of clients that all move the prompt by +0.01 a round."""
+    server = FedPepTAOServer(num_clients=100, options=FedPepTAOOptions(momentum_mode=mode))  # type: ignore[arg-type]
+    state = {"p": torch.zeros(4)}
+    for _ in range(3):
+        ups = [ClientUpdate(i, {"p": state["p"] + 0.01}, 10, num_steps) for i in range(cohort)]
+        state = server.step(state, ups)
+    return server.diagnostics["server/correction_over_fedavg"]
+
+
+def test_fedpeptao_diagnostics_show_the_correction_growing_with_cohort_and_few_local_steps() -> None:
+    # the control-variate term (w - w_i) / (K_i eta_l) scales as 1 / K_i and, chained, is added once per client
+    few, many = _fedpeptao_correction(num_steps=4, cohort=10), _fedpeptao_correction(num_steps=64, cohort=10)
+    assert few > 1.0 > many
+    assert _fedpeptao_correction(num_steps=4, cohort=10) > 2 * _fedpeptao_correction(num_steps=4, cohort=2)
+    assert _fedpeptao_correction(4, 10, "round_start") < few / 3
+    # the cosine of the server's step with FedAvg's is logged beside it; eta_s = 0 is FedAvg: no correction
+    server = FedPepTAOServer(num_clients=10, options=FedPepTAOOptions(server_lr=0.0, server_lr_min=0.0))
+    state = {"p": torch.zeros(2, 3)}
+    for t in (1, 2):
+        state = server.step(state, _updates(t))
+    assert server.diagnostics["server/correction_over_fedavg"] == pytest.approx(0.0, abs=1e-6)
+    assert server.diagnostics["server/cos_step_fedavg"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_fedpeptao_state_roundtrip() -> None:
     a = FedPepTAOServer(num_clients=10)
     state = {"p": torch.zeros(2, 3)}

@@ -122,6 +122,24 @@ def _zeros(like: State) -> State:
     return {k: torch.zeros_like(v, dtype=torch.float32) for k, v in like.items()}
 
 
+def _step_against_fedavg(w: State, w_bar: State, new_w: State) -> dict[str, float]:
+    """How the server's step compares with FedAvg's step ``w_bar - w`` (a drift diagnostic, logged per round).
+
+    ``server/correction_over_fedavg`` is ``|new_w - w_bar| / |w_bar - w|``: the size of what momentum and the
+    control variates add to FedAvg, relative to FedAvg's own step (above 1, the correction outweighs the clients'
+    average). ``server/cos_step_fedavg`` is the cosine of ``new_w - w`` with ``w_bar - w`` (negative: the server
+    moves against the clients' average).
+    """
+    fedavg = torch.cat([(w_bar[k] - w[k]).flatten().float() for k in w])
+    step = torch.cat([(new_w[k] - w[k]).flatten().float() for k in w])
+    extra = torch.cat([(new_w[k] - w_bar[k]).flatten().float() for k in w])
+    norm = float(fedavg.norm())
+    return {
+        "server/correction_over_fedavg": float(extra.norm()) / max(norm, 1e-12),
+        "server/cos_step_fedavg": float(torch.nn.functional.cosine_similarity(step, fedavg, dim=0)),
+    }
+
+
 class FedPepTAOServer(ServerOptimizer):
     """Server state (``w`` is the global state passed to :meth:`step`; ``m``, ``c``, ``c_i``, ``D_prev``, ``eta_s``).
 
@@ -259,7 +277,11 @@ class FedPepTAOServer(ServerOptimizer):
         commit_client_variates()
         m_norm = sum(float(v.norm() ** 2) for v in self.m.values()) ** 0.5
         cv_norm = sum(float(sum(v.norm() ** 2 for v in cp.values())) ** 0.5 for cp in c_plus) / len(c_plus)
-        self.diagnostics = {"server/cv_to_momentum_ratio": cv_norm / max(m_norm, 1e-12), "server/lr": eta}
+        self.diagnostics = {
+            "server/cv_to_momentum_ratio": cv_norm / max(m_norm, 1e-12),
+            "server/lr": eta,
+            **_step_against_fedavg(w, w_bar, new_w),
+        }
         return new_w
 
     def state_dict(self) -> dict[str, Any]:

@@ -529,6 +529,7 @@ class FederatedLoop:
             "time/round_seconds": rec.round_seconds,
             "time/serial_seconds": rec.serial_seconds,
             "clients/reported": float(len(plan.reporting)),
+            "clients/mean_local_steps": sum(u.num_steps for u in updates) / max(len(updates), 1),
         }
         metrics.update(getattr(self.server, "diagnostics", {}))
         metrics.update(dp_metrics)
