@@ -5,9 +5,10 @@ all-MiniLM-L6-v2 on BBC News, by default 4 clients all sampled every round, 3 ro
 runs twice with the same seed:
 
 * in-process: :class:`privtune.federated.loop.FederatedLoop` over one client model (what ``train.py`` runs);
-* deployment: one ``flower-superlink`` and one ``flower-supernode`` per client (insecure mode, localhost, free ports,
-  as ``tests/test_flower_deployment.py``), the run submitted with ``flwr run``; per-round wall time as the ServerApp
-  measures it (``flower/round_wall_seconds`` in its ``report.json``: messages, ClientApp processes, server step).
+* deployment: one ``flower-superlink`` and one ``flower-supernode`` per client (insecure mode, localhost, free
+  ports: :func:`privtune.flower.local.local_federation`), the run submitted with ``flwr run``; per-round wall time as
+  the ServerApp measures it (``flower/round_wall_seconds`` in its ``report.json``: messages, ClientApp processes,
+  server step).
 
 Process start-up (SuperLink launch to the ServerApp's first line) and set-up (the ``query`` round: every node builds
 the model and scores its layers; in-process: building the model and the loop's layer scoring) are reported apart
@@ -24,16 +25,11 @@ Usage (the committed result; about 3-5 minutes on 2 shared cores)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +38,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-BIN = Path(sys.executable).parent
 
 
 def derived_config(base: Path, folder: Path, clients: int, rounds: int, per_client: int) -> Path:
@@ -92,137 +87,28 @@ def in_process(config: Path) -> dict[str, Any]:
     }
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float) -> None:
-    """Return once something listens on ``port``; ``TimeoutError`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-@contextlib.contextmanager
-def process_group() -> Iterator[list[subprocess.Popen]]:
-    """A list to put started processes in (each in its own session); all are stopped, group and all, on exit."""
-    started: list[subprocess.Popen] = []
-    try:
-        yield started
-    finally:
-        for proc in reversed(started):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in started:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for proc in started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-
-
-def write_app(folder: Path, config: Path, out: Path) -> Path:
-    """A Flower app project: privtune's apps by import path, the privtune config in the run config."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(
-        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
-        '[project]\nname = "privtune-fedprompt"\nversion = "1.0.0"\ndescription = "privtune on Flower"\n'
-        'license = "Apache-2.0"\ndependencies = []\n\n'
-        '[tool.flwr.app]\npublisher = "privtune"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "privtune.flower.server_app:app"\n'
-        'clientapp = "privtune.flower.client_app:app"\n\n'
-        f'[tool.flwr.app.config]\nconfig = "{config}"\noutput-dir = "{out}"\nnode-wait-seconds = 300\n'
-        "reproducible-noise = false\n"
-    )
-    return folder
-
-
 def deployment(config: Path, folder: Path, clients: int, timeout: float) -> dict[str, Any]:
     """One SuperLink and ``clients`` SuperNodes on localhost running ``config``; the ServerApp's report and times."""
     import torch
 
+    from privtune.flower.local import local_federation, write_app
+
     out = folder / "flower_out"
-    app = write_app(folder / "app", config, out)
-    home = folder / "flwr_home"
-    home.mkdir()
-    link = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    with process_group() as started:
-
-        def start(args: list[str], log: str) -> None:
-            handle = (folder / log).open("w")
-            started.append(
-                subprocess.Popen(
-                    args, cwd=folder, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-                )
-            )
-
-        launched = time.time()
-        start(
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--port",
-                str(link),
-                "--health-server-address",
-                f"127.0.0.1:{free_port()}",
-                "--database",
-                str(folder / "superlink.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-            "superlink.log",
-        )
-        wait_for_port(link, 60)
-        superlink_up = time.time() - launched
-        for pid in range(clients):
-            start(
-                [
-                    str(BIN / "flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{link}",
-                    "--port",
-                    str(free_port()),
-                    "--node-config",
-                    f"partition-id={pid} num-partitions={clients}",
-                ],
-                f"supernode{pid}.log",
-            )
-        run = subprocess.run(
-            [str(BIN / "flwr"), "run", str(app), "local", "--stream"],
-            cwd=folder,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+    app = write_app(folder / "app", config, out, node_wait_seconds=300)
+    with local_federation(folder / "federation", clients) as federation:
+        launched = federation.launched
+        run = federation.run(app, timeout)
         deadline = time.monotonic() + 60
         while not (out / "report.json").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         finished = time.time()
+        logs = federation.logs(2000)
     if not (out / "report.json").exists():
-        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(folder.glob("*.log")))
         raise RuntimeError(f"the Flower run wrote no report (rc={run.returncode}):\n{run.stdout[-2000:]}\n{logs}")
     report = json.loads((out / "report.json").read_text())
     timing = report["flower_timing"]
     return {
-        "superlink_up_seconds": superlink_up,
+        "superlink_up_seconds": federation.superlink_up_seconds,
         "startup_seconds": timing["started_unix"] - launched,
         "setup_seconds": timing["setup_seconds"],
         "round_seconds": [h["flower/round_wall_seconds"] for h in report["history"]],
