@@ -66,9 +66,19 @@ class OffsitePipeline(pl.Callback):
         label_words: label words of a file task, in ``label_names`` order.
         label_names: class order of a file task.
         progress_every: a progress line every this many training steps of each nested run.
+        membership_audit: audit every delivered model for membership leakage: each arm's plug-in model (the
+            exported emulator's, OT's uniform drop, ScaleOT without SRC, each ``alphas`` emulator) and full
+            fine-tuning of the same blocks (``full_ft``); members are the data owner's training split, non-members its
+            test split (:class:`~privtune.recipes.offsite_membership.PlugInAudit`). The reports go into
+            ``offsite_report.json`` under ``membership``, one per arm, with ``membership_report.json``'s schema.
+        audit_examples: at most this many members and as many non-members.
+        audit_seed: seed of the member / non-member draw and of the bootstrap.
+        audit_reference: also score the examples with the untuned base model (the calibrated ``reference``
+            attack).
 
     Raises:
-        ValueError: at construction for an unknown task or tuning, or a non-positive size or step count; in
+        ValueError: at construction for an unknown task or tuning, a non-positive size or step count, or
+            ``audit_examples < 2``; in
             ``setup`` without an ``EmulatorExport`` before it, for a multi-process run, or for ``alphas`` after a
             module that is not a ScaleOT stage-1 module.
     """
@@ -96,6 +106,10 @@ class OffsitePipeline(pl.Callback):
         label_words: list[str] | None = None,
         label_names: list[str] | None = None,
         progress_every: int = 10,
+        membership_audit: bool = False,
+        audit_examples: int = 128,
+        audit_seed: int = 0,
+        audit_reference: bool = True,
     ) -> None:
         self.settings = PipelineSettings(
             output_dir=output_dir,
@@ -119,6 +133,10 @@ class OffsitePipeline(pl.Callback):
             label_words=label_words,
             label_names=label_names,
             progress_every=progress_every,
+            membership_audit=membership_audit,
+            audit_examples=audit_examples,
+            audit_seed=audit_seed,
+            audit_reference=audit_reference,
         )  # validates
         self.trainers: NestedTrainers | None = None
         self.report: dict[str, Any] = {}

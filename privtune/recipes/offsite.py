@@ -29,6 +29,7 @@ that plays both parties in one process; the artifacts it exchanges are the folde
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 import warnings
@@ -67,6 +68,10 @@ from privtune.eval.offsite_report import OffsiteReport, privacy_gap
 from privtune.models import get_blocks, load_model, unwrap
 from privtune.modules.classifier import TextClassifier
 from privtune.modules.offsite_finetune import OffsiteFinetune
+from privtune.recipes.offsite_membership import PlugInAudit, best_auc, markdown_lines
+
+FULL_FT = "full_ft"
+"""Name of full fine-tuning of the adapter blocks in ``membership`` (the run's non-private reference)."""
 
 PROGRESS_TAG = "privtune_progress"
 """Attribute a log record carries when it is the recipe's own progress line (kept while nested Trainers run)."""
@@ -149,6 +154,12 @@ class PipelineSettings:
         label_words: label words of a file task, in ``label_names`` order.
         label_names: class order of a file task.
         progress_every: log a progress line every this many training steps.
+        membership_audit: score every delivered model (each arm's plug-in, and full fine-tuning of the same blocks)
+            with the membership attacks (:class:`~privtune.recipes.offsite_membership.PlugInAudit`) and report them
+            under ``membership``.
+        audit_examples: at most this many members (training split) and as many non-members (test split).
+        audit_seed: seed of the member / non-member draw and of the bootstrap.
+        audit_reference: score the examples with the untuned base model too (the calibrated ``reference`` attack).
     """
 
     output_dir: str
@@ -172,6 +183,10 @@ class PipelineSettings:
     label_words: list[str] | None = None
     label_names: list[str] | None = None
     progress_every: int = 10
+    membership_audit: bool = False
+    audit_examples: int = 128
+    audit_seed: int = 0
+    audit_reference: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -195,6 +210,15 @@ class PipelineSettings:
             problems.append(f"`alphas={self.alphas}`: {bad} outside [0, 1)")
         if self.uniform_drop_layers is not None and self.uniform_drop_layers < 1:
             problems.append(f"`uniform_drop_layers={self.uniform_drop_layers}` must be >= 1 kept middle blocks")
+        if self.audit_examples < 2:
+            problems.append(f"`audit_examples={self.audit_examples}` must be >= 2 (members and non-members each)")
+        if self.audit_seed < 0:
+            problems.append(f"`audit_seed={self.audit_seed}` must be >= 0")
+        if self.membership_audit and min(self.train_size, self.test_size) < 2:
+            problems.append(
+                f"`membership_audit` draws members from `train_size={self.train_size}` and non-members from "
+                f"`test_size={self.test_size}` examples: each must be >= 2"
+            )
         if problems:
             raise ValueError("OffsitePipeline: " + "; ".join(problems) + ".")
 
@@ -333,6 +357,17 @@ class NestedTrainers:
     def auto(cls, root_dir: str, progress_every: int = 10) -> NestedTrainers:
         """For scripts without an outer run: Lightning's accelerator choice, one device, fp32, no logger."""
         return cls("auto", 1, "32-true", None, root_dir, progress_every)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the nested runs use (``auto``: CUDA, else MPS, else the CPU, as Lightning chooses)."""
+        kind = self.accelerator
+        if kind == "auto":
+            kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        if kind == "cuda":
+            index = self.devices[0] if isinstance(self.devices, list) and self.devices else 0
+            return torch.device("cuda", index)
+        return torch.device(kind)
 
     def build(self, stage: str, max_steps: int = -1, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
         """A quiet Trainer for ``stage`` (its metrics logged under ``<stage>/`` in the outer logger)."""
@@ -554,6 +589,43 @@ class OffsiteRecipe:
     def __init__(self, settings: PipelineSettings, trainers: NestedTrainers) -> None:
         self.settings = settings
         self.trainers = trainers
+        self.audit: PlugInAudit | None = None
+        self.membership: dict[str, dict[str, Any]] = {}
+
+    def start_membership_audit(self, model_name: str, datamodule: pl.LightningDataModule) -> PlugInAudit:
+        """Draw the members and non-members of ``datamodule`` and score the untuned base model (with
+        ``audit_reference``); from now on every delivered model is audited (:attr:`membership`)."""
+        s = self.settings
+        start = time.perf_counter()
+        datamodule.setup("fit")  # the splits are drawn once; the nested runs reuse them
+        reference = TextClassifier(model_name, tuning="none").model if s.audit_reference else None
+        self.audit = PlugInAudit(
+            datamodule,
+            s.audit_examples,
+            s.audit_seed,
+            self.trainers.device,
+            self.trainers.precision,
+            reference_model=reference,
+            tokenizer=getattr(datamodule, "tokenizer", None),
+            meta={"data_owner_epochs": round(s.max_steps * s.batch_size / s.train_size, 3)},
+        )
+        n = self.audit.size
+        what = "and the untuned base model scored" if reference is not None else "without a reference model"
+        seconds = time.perf_counter() - start
+        progress(f"membership audit: {n} members and {n} non-members drawn, {what} ({seconds:.1f} s)")
+        return self.audit
+
+    def audit_model(self, name: str, classifier: TextClassifier) -> None:
+        """Membership report of ``classifier``'s model under ``name`` (nothing without a started audit)."""
+        if self.audit is None:
+            return
+        report = self.audit.audit(classifier.model, name)
+        self.membership[name] = report
+        attack, auc = best_auc(report)
+        progress(
+            f"membership audit {name}: highest AUC {auc['value']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}] "
+            f"({attack}), {self.audit.size} + {self.audit.size} examples ({report['meta']['audit_seconds']:.1f} s)"
+        )
 
     def tune_emulator_and_plug_in(
         self,
@@ -596,8 +668,10 @@ class OffsiteRecipe:
         out["emulator_params"] = count_parameters(module.model)
         out["emulator_middle_params"] = count_parameters(module.model, module.plan)
         start = time.perf_counter()
-        out["plug_in"] = t.test(f"{arm}_plug_in", plugged_classifier(model_name, adapter_dir), datamodule)
+        plugged = plugged_classifier(model_name, adapter_dir)
+        out["plug_in"] = t.test(f"{arm}_plug_in", plugged, datamodule)
         out["seconds_plug_in"] = time.perf_counter() - start
+        self.audit_model(arm, plugged)
         return out
 
     def extraction(self, model_name: str, emulator_dir: str, datamodule: pl.LightningDataModule) -> dict[str, float]:
@@ -616,7 +690,9 @@ class OffsiteRecipe:
         zs = t.test("full_zero_shot", TextClassifier(model_name, tuning="none"), datamodule)
         ft = TextClassifier(model_name, tuning="blocks", trainable_blocks=list(adapter_indices), lr=s.lr)
         timer = t.fit("full_fine_tuning", ft, datamodule, s.max_steps, s.seed)
-        return zs, t.test("full_fine_tuned", ft, datamodule), timer
+        tested = t.test("full_fine_tuned", ft, datamodule)
+        self.audit_model(FULL_FT, ft)
+        return zs, tested, timer
 
     def run(
         self,
@@ -657,6 +733,11 @@ class OffsiteRecipe:
         stages = dict(owner_stage_seconds or {})
         rows: dict[str, dict[str, float]] = {}
         arm_name = _arm_name(plan)
+        self.audit, self.membership = None, {}
+        if s.membership_audit:
+            start = time.perf_counter()
+            self.start_membership_audit(model_name, datamodule)
+            stages["membership audit: draw and reference scoring"] = time.perf_counter() - start
 
         start = time.perf_counter()
         rows["full_zs"], rows["ft"], ft_timer = self.full_model(model_name, datamodule, plan.split.adapter_indices)
@@ -743,8 +824,23 @@ class OffsiteRecipe:
             },
         )
         report.write(out_dir)
-        rank_zero_info("\n" + report.markdown())
-        return report.to_dict()
+        out = report.to_dict()
+        markdown = report.markdown()
+        if self.membership:
+            extra = markdown_lines(self.membership)
+            _extend_report(out_dir, {"membership": self.membership}, extra)
+            out["membership"] = self.membership
+            markdown += "\n" + "\n".join(extra)
+        rank_zero_info("\n" + markdown)
+        return out
+
+
+def _extend_report(folder: Path, keys: Mapping[str, Any], markdown: Sequence[str]) -> None:
+    """Add ``keys`` to ``offsite_report.json`` and ``markdown`` lines to ``offsite_report.md`` (written just before)."""
+    path = folder / "offsite_report.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | dict(keys), indent=2, default=str))
+    md = folder / "offsite_report.md"
+    md.write_text(md.read_text() + "\n".join(markdown) + "\n")
 
 
 def _closeness_rows(emulator_dir: str) -> dict[str, str]:
