@@ -112,6 +112,10 @@ def deployment(config: Path, folder: Path, clients: int, timeout: float) -> dict
         "startup_seconds": timing["started_unix"] - launched,
         "setup_seconds": timing["setup_seconds"],
         "round_seconds": [h["flower/round_wall_seconds"] for h in report["history"]],
+        # the slowest node's ClientApp process age at its train reply, and its model build (every message is a
+        # new process in Flower 1.42)
+        "client_process_seconds": [h.get("flower/client_process_seconds_max") for h in report["history"]],
+        "client_build_seconds": [h.get("flower/client_build_seconds_max") for h in report["history"]],
         "total_seconds": finished - launched,
         "selected_layers": report["selected_layers"],
         "personalized_acc": report["history"][-1].get("fed/personalized_acc"),
@@ -119,6 +123,22 @@ def deployment(config: Path, folder: Path, clients: int, timeout: float) -> dict
         "up_record_bytes": sum(h["flower/up_record_bytes"] for h in report["history"]),
         "ledger_up_bytes": report["ledger"]["up_bytes"],
     }
+
+
+def _startup_lines(dep: dict[str, Any], inp: dict[str, Any]) -> list[str]:
+    """Where a deployment round goes: the train message's ClientApp process (start-up, build) against the round."""
+    ages = [a for a in dep.get("client_process_seconds", []) if a is not None]
+    builds = [b for b in dep.get("client_build_seconds", []) if b is not None]
+    if not ages:
+        return []
+    n = len(ages)
+    extra = sum(dep["round_seconds"][:n]) / n - sum(inp["round_seconds"][:n]) / n
+    return [
+        f"- per round, the slowest node's train-message ClientApp process lived {sum(ages) / n:.2f} s on average "
+        f"(start-up, imports, model build {sum(builds) / max(len(builds), 1):.2f} s, local training, reply) against "
+        f"{extra:.2f} s of extra round time over in-process: Flower 1.42 starts a new ClientApp process for every "
+        "message."
+    ]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -149,6 +169,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"- process start-up (SuperLink launch to the ServerApp's first line): {dep['startup_seconds']:.2f} s "
             f"(SuperLink listening after {dep['superlink_up_seconds']:.2f} s); whole deployment "
             f"{dep['total_seconds']:.1f} s.",
+            *_startup_lines(dep, inp),
             f"- final global prompts: max abs difference {result['max_abs_diff']:.3g}; selected layers equal: "
             f"{result['selected_layers_equal']}.",
             f"- load average before / after: {result['loadavg_before']} / {result['loadavg_after']} "

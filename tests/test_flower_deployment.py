@@ -46,6 +46,9 @@ def test_superlink_and_two_supernodes_equal_the_in_process_loop(tmp_path: Path) 
     assert report["selected_layers"] == reference.selected
     assert report["ledger"]["up_bytes"] == reference.ledger.summary()["up_bytes"] > 0
     assert report["ledger"]["down_bytes"] == reference.ledger.summary()["down_bytes"]
+    # every train message ran in a fresh ClientApp process that built the model (Flower 1.42: a process per message)
+    for row in report["history"]:
+        assert row["flower/client_process_seconds_max"] >= row["flower/client_build_seconds_max"] > 0
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -45,13 +46,28 @@ from privtune.prompts.layer_selection import client_layer_scores
 
 STATE_KEY = "privtune"
 _SIDES: dict[tuple[str, bool], ClientSide] = {}  # one model and data per config and process
+_BUILD_SECONDS: dict[tuple[str, bool], float] = {}  # what building each cost this process (reported once)
 
 
 def _side(path: Path, partial: bool) -> ClientSide:
     key = (str(path.resolve()), partial)
     if key not in _SIDES:
+        start = time.perf_counter()
         _SIDES[key] = build_client_side(read_config(path), partial)
+        _BUILD_SECONDS[key] = time.perf_counter() - start
     return _SIDES[key]
+
+
+def _startup_metrics() -> dict[str, float]:
+    """This ClientApp process's own cost before and around the message: ``process-seconds`` (since the process
+    started, at the reply) and ``build-seconds`` (building the model and data in this process; 0 once built).
+
+    Flower 1.42 runs every message in a new ClientApp process (``flwr-clientapp`` pulls one task per process, in
+    either isolation mode), so a deployment round pays both on every node; the ServerApp reports their maximum.
+    """
+    build = sum(_BUILD_SECONDS.values())
+    _BUILD_SECONDS.clear()
+    return {"process-seconds": time.time() - psutil.Process().create_time(), "build-seconds": build}
 
 
 def partition_of(context: Context, num_clients: int) -> int:
@@ -184,6 +200,7 @@ def make_client_app(config: str | Path | None = None) -> ClientApp:
                         "num-examples": int(side.data.client_num_examples(cid)),
                         "num-steps": int(result.num_steps),
                         "seconds": float(seconds),
+                        **_startup_metrics(),
                     }
                 ),
             }

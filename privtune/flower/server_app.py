@@ -272,6 +272,10 @@ class FlowerServer:
             )
         up = _record_bytes(rec for reply in replies for rec in reply.content.array_records.values())
         metrics = loop.aggregate(r, plan, updates)
+        for key in ("process-seconds", "build-seconds"):  # the slowest node's ClientApp start-up and model build
+            values = [float(reply.content["metrics"][key]) for reply in replies if key in reply.content["metrics"]]
+            if values:
+                metrics[f"flower/client_{key.replace('-', '_')}_max"] = max(values)
         loop.round = r
         metrics["flower/up_record_bytes"] = float(up)
         metrics["flower/down_record_bytes"] = float(_record_bytes(down))
