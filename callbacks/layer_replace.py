@@ -38,6 +38,7 @@ from privtune.emulator import (
 )
 from privtune.emulator.harmonizer import LayerSwitch
 from privtune.models import get_blocks, unwrap
+from privtune.modules.offsite_importance import harmonizer_errors
 
 DOCS = "docs/offsite_tuning.md, 'ScaleOT stage 1'"
 LM_BATCH_KEYS = ("input_ids", "attention_mask", "labels")
@@ -78,6 +79,10 @@ class LayerReplace(pl.Callback):
             start). Skipped when resuming, since the harmonizers come from the checkpoint.
         warm_start_steps: Adam steps per warm-start batch.
         warm_start_lr: Adam learning rate of the warm start.
+        error_every: every this many steps (and on the first), measure each harmonizer's normalised error against
+            its block on the step's held-out batch (:func:`~privtune.modules.offsite_importance.harmonizer_errors`,
+            one forward of the original model), log it as ``harmonizer/error_<i>`` and keep it in
+            :attr:`error_curve`; 0 turns it off.
 
     Contract (:class:`privtune.contracts.HarmonizerStage1Module`): a model with a block list at ``model_attr``,
     an ``harmonizers`` ``nn.ModuleDict``; dict LM batches with ``input_ids``, ``attention_mask``, ``labels``
@@ -85,8 +90,8 @@ class LayerReplace(pl.Callback):
 
     Raises:
         ValueError: for ``num_candidates < 2``, ``group_size < 1``, ``rl_lr <= 0``, ``val_alpha`` outside
-            ``[0, 1)``, ``harmonizer_rank < 1`` or a bad warm-start setting; in ``setup``, for candidates outside
-            the middle.
+            ``[0, 1)``, ``harmonizer_rank < 1``, ``error_every < 0`` or a bad warm-start setting; in ``setup``, for
+            candidates outside the middle.
         privtune.contracts.ContractError: in ``setup``, for a wrong ``model_attr``, a module without
             ``harmonizers`` or a warm start without a datamodule; before a step, for a batch without LM keys.
     """
@@ -107,6 +112,7 @@ class LayerReplace(pl.Callback):
         warm_start_batches: int = 0,
         warm_start_steps: int = 4,
         warm_start_lr: float = 1e-3,
+        error_every: int = 10,
     ) -> None:
         problems = []
         if num_candidates < 2:
@@ -124,6 +130,8 @@ class LayerReplace(pl.Callback):
                 f"`warm_start_batches={warm_start_batches}` must be >= 0, `warm_start_steps={warm_start_steps}` "
                 f">= 1 and `warm_start_lr={warm_start_lr}` > 0"
             )
+        if error_every < 0:
+            problems.append(f"`error_every={error_every}` must be >= 0 (0: no harmonizer error curve)")
         if problems:
             raise ValueError("LayerReplace: " + "; ".join(problems) + ".")
         self.adapter_bottom, self.adapter_top = adapter_bottom, adapter_top
@@ -142,6 +150,8 @@ class LayerReplace(pl.Callback):
             warm_start_lr,
         )
         self.warm_start_error: tuple[float, float] | None = None
+        self.error_every = error_every
+        self.error_curve: list[dict[str, Any]] = []  # [{"step": s, "<block index>": normalised error, ...}]
         self.importance: LayerImportance | None = None
         self.switches: dict[int, LayerSwitch] = {}
         self.rl_batches = 0  # held-out batches consumed so far (to resume the stream at the same place)
@@ -234,6 +244,12 @@ class LayerReplace(pl.Callback):
         masks, losses = rl_step(model, self.switches, self.importance, held_out, self.num_candidates, self.rl_lr)
         pl_module.layer_importance = self.importance.scores.clone().to(pl_module.device)
         pl_module.log("importance/rl_loss_mean", sum(losses) / len(losses), batch_size=1)
+        step = trainer.global_step
+        if self.error_every and (step % self.error_every == 0 or step == 1 or step == trainer.max_steps):
+            errors = harmonizer_errors(model, self.switches, held_out)
+            self.error_curve.append({"step": step} | {str(i): e for i, e in errors.items()})
+            for layer, error in errors.items():
+                pl_module.log(f"harmonizer/error_{layer}", error, batch_size=1)
         if self.log_scores:
             for layer, score in zip(self.importance.layers, self.importance.scores.tolist()):
                 pl_module.log(f"importance/s_{layer}", score, batch_size=1)
@@ -283,12 +299,17 @@ class LayerReplace(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.importance is None:
             return {}
-        return {"importance": self.importance.state_dict(), "rl_batches": self.rl_batches}
+        return {
+            "importance": self.importance.state_dict(),
+            "rl_batches": self.rl_batches,
+            "error_curve": list(self.error_curve),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
+        self.error_curve = list(state_dict.get("error_curve", []))
         if self.importance is None:
             self._pending_state = state_dict
         else:

@@ -13,11 +13,14 @@ Threat model: a research harness playing both parties in one process; only artif
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from torch import Tensor
 from typing_extensions import override
 
+from privtune.callbacks.layer_replace import LayerReplace
 from privtune.callbacks.offsite_tuning import EmulatorExport
 from privtune.eval.provenance import run_provenance
 from privtune.recipes.offsite import (
@@ -143,6 +146,7 @@ class OffsitePipeline(pl.Callback):
         self._fit_start = 0.0
         self._provenance: dict[str, Any] = {}
         self._owner_progress = StageProgress("model owner (stage 1 / distillation)", progress_every)
+        self._owner_curves: dict[str, list[float]] = {"step": []}
 
     def _export(self, trainer: pl.Trainer) -> EmulatorExport:
         callbacks = list(trainer.callbacks)
@@ -189,6 +193,41 @@ class OffsitePipeline(pl.Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._owner_progress.on_train_batch_end(trainer, pl_module, *args)
+        self._record_owner_step(trainer, args[0] if args else None)
+
+    def _record_owner_step(self, trainer: pl.Trainer, outputs: Any) -> None:
+        """The model owner's loss this step, and its LM / KD parts when the module logs them (``train/lm``,
+        ``train/kd``: OT's emulator distillation), for the report's ``stage1_curves``."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, Tensor):
+            return
+        values = {"loss": float(loss)}
+        for name in ("lm", "kd"):
+            logged = trainer.callback_metrics.get(f"train/{name}")
+            if isinstance(logged, Tensor):
+                values[name] = float(logged)
+        self._owner_curves["step"].append(trainer.global_step)
+        for name, value in values.items():
+            self._owner_curves.setdefault(name, []).append(value)
+
+    def stage1_curves(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """``{"loss": {"step", "loss", ["lm", "kd"]}, "harmonizer_error": {"step", "<block>": [...]}}`` of this
+        process's model-owner steps (the error from :class:`~privtune.callbacks.layer_replace.LayerReplace`'s
+        ``error_curve`` when it ran)."""
+        curves: dict[str, Any] = {}
+        if self._owner_curves["step"]:
+            curves["loss"] = {k: list(v) for k, v in self._owner_curves.items()}
+        replace = next((cb for cb in trainer.callbacks if isinstance(cb, LayerReplace)), None)
+        if replace is not None and replace.error_curve:
+            rows = replace.error_curve
+            blocks = sorted({k for row in rows for k in row if k != "step"}, key=int)
+            curves["harmonizer_error"] = {"step": [row["step"] for row in rows]} | {
+                b: [row.get(b, float("nan")) for row in rows] for b in blocks
+            }
+            curves["harmonizer_error_definition"] = (
+                "||H_i(h_in) - h_out||^2 / ||h_out - h_in||^2 on the step's held-out batch (1.0 = layer drop)"
+            )
+        return curves
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -209,6 +248,7 @@ class OffsitePipeline(pl.Callback):
             knobs=knobs,
             distill_batches=batches,
             meta=self._provenance | _stage1_scores(pl_module),
+            stage1_curves=self.stage1_curves(trainer),
         )
 
 

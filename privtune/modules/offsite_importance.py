@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,8 +26,38 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from privtune.emulator import lm_loss
+from privtune.emulator.harmonizer import LayerSwitch, _block_io
 from privtune.models import load_model, load_tokenizer, resolve_model
 from privtune.modules.optim import build_optimizer
+
+
+@torch.no_grad()
+def harmonizer_errors(
+    model: nn.Module, switches: Mapping[int, LayerSwitch], batch: Mapping[str, Tensor]
+) -> dict[int, float]:
+    """Each harmonizer's normalised error against the block it stands for, on ``batch``'s real block inputs.
+
+    ``||H_i(h_in) - h_out||^2 / ||h_out - h_in||^2`` over the batch's real tokens (``h_in``, ``h_out``: block
+    ``i``'s input and output in one forward of the original model): the definition
+    :func:`~privtune.emulator.warm_start_harmonizers` minimises, so ``1.0`` is a plain layer drop (an identity
+    harmonizer) and ``0`` the block itself. ScaleOT (arXiv 2412.09812) asks for it per block through stage 1 as a
+    diagnostic. Leaves every switch on its block (as after :func:`~privtune.emulator.set_replace_mask` with ``{}``).
+    """
+    was_training = model.training
+    model.eval()  # no dropout in the measurement (and no draw from the global RNG the training run uses)
+    try:
+        io = _block_io(model, switches, batch)
+    finally:
+        model.train(was_training)
+    if not io:
+        return {}
+    mask = batch["attention_mask"].unsqueeze(-1).to(next(iter(io.values()))[0].dtype)  # [B, T, 1]
+    out = {}
+    for idx, switch in switches.items():
+        h_in, h_out = io[idx]
+        num = ((switch.harmonizer(h_in) - h_out) ** 2 * mask).sum()
+        out[idx] = float(num / (((h_out - h_in) ** 2 * mask).sum() + 1e-12))
+    return out
 
 
 class HarmonizerImportance(pl.LightningModule):

@@ -702,8 +702,12 @@ class OffsiteRecipe:
         knobs: EmulatorKnobs | None = None,
         distill_batches: Sequence[Mapping[str, Any]] = (),
         meta: Mapping[str, Any] | None = None,
+        stage1_curves: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """The five settings on ``emulator_dir``, the comparison arm and the α sweep; writes and logs the report.
+
+        ``stage1_curves`` (the model owner's per-step loss and harmonizer errors, :func:`stage1_curve_lines`) go
+        into the report as they are, under ``stage1_curves``.
 
         Raises:
             ValueError: for an α sweep without the stage-1 state and knobs it re-generates emulators from.
@@ -714,7 +718,7 @@ class OffsiteRecipe:
                 "given. HINT: run the sweep after HarmonizerImportance + LayerReplace, or leave `alphas` empty."
             )
         with quiet_weight_loading():
-            return self._run(emulator_dir, owner_stage_seconds, stage1, knobs, distill_batches, meta)
+            return self._run(emulator_dir, owner_stage_seconds, stage1, knobs, distill_batches, meta, stage1_curves)
 
     def _run(
         self,
@@ -724,6 +728,7 @@ class OffsiteRecipe:
         knobs: EmulatorKnobs | None,
         distill_batches: Sequence[Mapping[str, Any]],
         meta: Mapping[str, Any] | None,
+        stage1_curves: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         s = self.settings
         plan = read_plan(emulator_dir)
@@ -824,15 +829,40 @@ class OffsiteRecipe:
             },
         )
         report.write(out_dir)
-        out = report.to_dict()
-        markdown = report.markdown()
+        keys: dict[str, Any] = {}
+        lines: list[str] = []
         if self.membership:
-            extra = markdown_lines(self.membership)
-            _extend_report(out_dir, {"membership": self.membership}, extra)
-            out["membership"] = self.membership
-            markdown += "\n" + "\n".join(extra)
+            keys["membership"] = self.membership
+            lines += markdown_lines(self.membership)
+        if stage1_curves:
+            keys["stage1_curves"] = dict(stage1_curves)
+            lines += stage1_curve_lines(stage1_curves)
+        out = report.to_dict() | keys
+        markdown = report.markdown() + ("\n" + "\n".join(lines) if lines else "")
+        if keys:
+            _extend_report(out_dir, keys, lines)
         rank_zero_info("\n" + markdown)
         return out
+
+
+def stage1_curve_lines(curves: Mapping[str, Any]) -> list[str]:
+    """The model owner's curves summarised for the report: each series' first and last value, with their steps.
+
+    ``curves``: ``{"loss": {"step": [...], "<series>": [...]}, "harmonizer_error": {"step": [...], "<block>":
+    [...]}}`` (each part optional; :class:`~privtune.callbacks.offsite_pipeline.OffsitePipeline` records them).
+    """
+    lines = ["", "| model owner's stage 1 (curves in offsite_report.json) | first | last |", "|---|---|---|"]
+    named = (
+        ("loss", "{} (step {} → {})"),
+        ("harmonizer_error", "block {} harmonizer: normalised error (step {} → {})"),
+    )
+    for part, label in named:
+        table = curves.get(part) or {}
+        steps = table.get("step") or []
+        for series, values in table.items():
+            if series != "step" and values:
+                lines.append(f"| {label.format(series, steps[0], steps[-1])} | {values[0]:.4f} | {values[-1]:.4f} |")
+    return lines
 
 
 def _extend_report(folder: Path, keys: Mapping[str, Any], markdown: Sequence[str]) -> None:
