@@ -75,6 +75,7 @@ def test_every_delivered_model_is_audited_on_disjoint_equal_sets(tmp_path, task_
         meta = rep["meta"]
         assert (meta["model"], meta["reference"], meta["nonmember_split"]) == (arm, "untuned base model", "test")
         assert (meta["member_indices"], meta["nonmember_indices"]) == (idx_in.tolist(), idx_out.tolist())
+        assert meta["data_owner_epochs"] == pytest.approx(2 / 3, abs=1e-3)  # 2 steps of the 3 batches of 24 examples
         members = {dm.splits["train"].texts[i] for i in meta["member_indices"]}
         nonmembers = {dm.splits["test"].texts[i] for i in meta["nonmember_indices"]}
         assert len(members) == len(nonmembers) == 12 and not members & nonmembers

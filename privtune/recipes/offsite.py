@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -607,7 +608,7 @@ class OffsiteRecipe:
             self.trainers.precision,
             reference_model=reference,
             tokenizer=getattr(datamodule, "tokenizer", None),
-            meta={"data_owner_epochs": round(s.max_steps * s.batch_size / s.train_size, 3)},
+            meta={"data_owner_epochs": round(s.max_steps / math.ceil(s.train_size / s.batch_size), 3)},
         )
         n = self.audit.size
         what = "and the untuned base model scored" if reference is not None else "without a reference model"
