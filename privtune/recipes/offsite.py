@@ -16,7 +16,9 @@ model). :class:`OffsiteRecipe` runs all of them with the project's modules, so t
 Optionally it adds Offsite-Tuning's undistilled uniform layer drop beside the exported emulator
 (``uniform_drop_layers``), the same ScaleOT emulator without Selective Rank Compression (``scaleot_no_src``,
 owner side only, see :func:`restore_kept_blocks`) and re-generates ScaleOT emulators of the same stage-1 run for
-other ``α`` values.
+other ``α`` values. With ``membership_audit`` it scores every model it delivers (each arm's plug-in and full
+fine-tuning of the same blocks) for membership leakage of the data owner's training split
+(:mod:`privtune.recipes.offsite_membership`), reported under ``membership``.
 
 Every nested :class:`~lightning.pytorch.Trainer` is built by :class:`NestedTrainers` from the outer Trainer's device,
 precision and logger (a GPU run stays on its GPU), keeps Lightning's per-Trainer banners out of the log, and reports
