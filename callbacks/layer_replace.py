@@ -17,7 +17,7 @@ killed run resumes to the same result. Threat model: model-owner side only.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -37,6 +37,7 @@ from privtune.emulator import (
     warm_start_harmonizers,
 )
 from privtune.emulator.harmonizer import LayerSwitch
+from privtune.emulator.importance import REWARDS
 from privtune.models import get_blocks, unwrap
 from privtune.modules.offsite_importance import harmonizer_errors
 
@@ -70,6 +71,9 @@ class LayerReplace(pl.Callback):
         group_size: ``N_g``; each group of consecutive candidates keeps half of its layers per sample.
         num_candidates: ``N_c`` masks per RL step (>= 2).
         rl_lr: ``η`` of the score update.
+        reward: ``exp`` (ScaleOT's ``exp(−L_j) − mean exp(−L_c)``) or ``relative`` (the same divided by
+            ``mean exp(−L_c)``; free of the loss level, see :func:`~privtune.emulator.importance.rewards` and
+            docs/offsite_tuning.md "Diagnosis").
         val_alpha: fraction of candidates replaced during validation (least important first).
         seed: seed of the harmonizer init and of the mask sampler.
         model_attr: attribute of the LightningModule holding the Hugging Face model.
@@ -89,9 +93,9 @@ class LayerReplace(pl.Callback):
     (checked on the first batch, before its step); with ``warm_start_batches``, a datamodule.
 
     Raises:
-        ValueError: for ``num_candidates < 2``, ``group_size < 1``, ``rl_lr <= 0``, ``val_alpha`` outside
-            ``[0, 1)``, ``harmonizer_rank < 1``, ``error_every < 0`` or a bad warm-start setting; in ``setup``, for
-            candidates outside the middle.
+        ValueError: for ``num_candidates < 2``, ``group_size < 1``, ``rl_lr <= 0``, an unknown ``reward``,
+            ``val_alpha`` outside ``[0, 1)``, ``harmonizer_rank < 1``, ``error_every < 0`` or a bad warm-start
+            setting; in ``setup``, for candidates outside the middle.
         privtune.contracts.ContractError: in ``setup``, for a wrong ``model_attr``, a module without
             ``harmonizers`` or a warm start without a datamodule; before a step, for a batch without LM keys.
     """
@@ -105,6 +109,7 @@ class LayerReplace(pl.Callback):
         group_size: int = 4,
         num_candidates: int = 3,
         rl_lr: float = 0.1,
+        reward: Literal["exp", "relative"] = "exp",
         val_alpha: float = 0.5,
         seed: int = 0,
         model_attr: str = "model",
@@ -121,6 +126,8 @@ class LayerReplace(pl.Callback):
             problems.append(f"`group_size={group_size}` must be >= 1")
         if not rl_lr > 0:
             problems.append(f"`rl_lr={rl_lr}` must be > 0")
+        if reward not in REWARDS:
+            problems.append(f"`reward={reward!r}` must be one of {REWARDS}")
         if not 0.0 <= val_alpha < 1.0:
             problems.append(f"`val_alpha={val_alpha}` must be in [0, 1)")
         if harmonizer_rank < 1:
@@ -140,6 +147,7 @@ class LayerReplace(pl.Callback):
         self.group_size = group_size
         self.num_candidates = num_candidates
         self.rl_lr = rl_lr
+        self.reward = reward
         self.val_alpha = val_alpha
         self.seed = seed
         self.model_attr = model_attr
@@ -200,7 +208,7 @@ class LayerReplace(pl.Callback):
             harmonizers.update(make_harmonizers(hidden, layers, min(self.harmonizer_rank, hidden), self.seed))
         harmonizers.requires_grad_(True)
         self.switches = install_switches(model, harmonizers)
-        self.importance = LayerImportance(layers, self.group_size, self.seed)
+        self.importance = LayerImportance(layers, self.group_size, self.seed, self.reward)
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
         pl_module.layer_importance = self.importance.scores.clone()

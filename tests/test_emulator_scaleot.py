@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from privtune.emulator import (
     rank_compress_modules,
     reinforce_update,
     remove_switches,
+    rewards,
     sample_keep_mask,
     save_emulator_artifact,
     set_replace_mask,
@@ -121,6 +124,35 @@ def test_reinforce_update_sign_on_one_step() -> None:
     masks = torch.tensor([[True, False], [False, True]])
     new = reinforce_update(scores, masks, [1.0, 3.0], lr=1.0)  # keeping layer 0 gave the lower loss
     assert new[0] > 0 > new[1]
+
+
+def _learned_scores(offset: float, reward: str, steps: int = 100) -> torch.Tensor:
+    """Scores after ``steps`` RL steps where replacing layer 2 costs 0.5 nats over a base loss of ``offset``."""
+    penalty = torch.tensor([0.0, 0.0, 0.5, 0.0])
+    importance = LayerImportance(list(range(4)), group_size=4, seed=0, reward=reward)  # type: ignore[arg-type]
+    for _ in range(steps):
+        masks = [importance.sample() for _ in range(3)]
+        drops = [1 - torch.tensor([m[i] for i in range(4)]).float() for m in masks]
+        importance.update(masks, [offset + float((penalty * d).sum()) for d in drops], lr=0.1)
+    return importance.scores
+
+
+def test_exp_reward_vanishes_at_a_language_model_loss_and_the_relative_one_does_not() -> None:
+    # ScaleOT's reward exp(-L_j) - mean exp(-L_c) shrinks with exp(-L): at L = 6 the same loss gaps move the
+    # scores about exp(6) ~ 400 times less than at L = 0; the relative reward moves them the same at both levels
+    at_0, at_6 = _learned_scores(0.0, "exp"), _learned_scores(6.0, "exp")
+    assert at_6.abs().max() < at_0.abs().max() / 100
+    rel_0, rel_6 = _learned_scores(0.0, "relative"), _learned_scores(6.0, "relative")
+    torch.testing.assert_close(rel_0, rel_6)
+    assert int(rel_6.argmax()) == 2 and rel_6[2] > 100 * at_6[2] > 0
+    # one step: the relative reward is exp(-L_j) / mean exp(-L_c) - 1, whatever the level
+    expected = torch.tensor([1.0, math.exp(-1)], dtype=torch.float64)
+    torch.testing.assert_close(rewards([6.0, 7.0], "relative"), expected / expected.mean() - 1)
+    with pytest.raises(ValueError, match="reward='log'"):
+        LayerImportance([1, 2], reward="log")  # type: ignore[arg-type]
+    a = LayerImportance([1, 2], reward="relative")
+    with pytest.raises(ValueError, match="reward='relative'"):
+        LayerImportance([1, 2]).load_state_dict(a.state_dict())
 
 
 def test_least_important_validates_alpha() -> None:

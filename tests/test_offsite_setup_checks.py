@@ -275,3 +275,19 @@ def test_tuning_report_checks_evaluate_loader_and_keys_before_training(tiny_trai
                  "the fit has no datamodule", train_dataloaders=DataLoader(_rows(), batch_size=2))  # fmt: skip
     _fit_refused(tiny_trainer, Evaluating(("accuracy",)), [TuningReport()], ContractError,
                  r"evaluate\(\) returned dict without \['acc', 'f1', 'n'\]", datamodule=WithTest())  # fmt: skip
+
+
+def test_layer_replace_relative_reward_moves_the_scores_at_a_language_model_loss(tiny_trainer) -> None:
+    """At tiny-llama's loss on random tokens (about 6 nats) ScaleOT's exp reward barely moves the scores; the
+    relative reward, set on the callback, moves them by orders of magnitude more from the same draws."""
+    spread = {}
+    for reward in ("exp", "relative"):
+        torch.manual_seed(0)
+        module = CountingStage1()
+        callback = LayerReplace(1, 1, harmonizer_rank=8, group_size=2, num_candidates=2, reward=reward)
+        tiny_trainer(max_steps=4, callbacks=[callback]).fit(module, datamodule=LM())
+        assert callback.importance.reward == reward
+        spread[reward] = float(callback.importance.scores.abs().max())
+    assert spread["relative"] > 20 * spread["exp"] > 0
+    with pytest.raises(ValueError, match="reward='log'"):
+        LayerReplace(1, 1, reward="log")  # type: ignore[arg-type]

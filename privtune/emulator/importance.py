@@ -8,7 +8,13 @@ docs/offsite_tuning.md and are a contextual bandit, not a multi-step MDP.
 
 * **SampleMask**: ``u_i = σ(s_i) · U(0, 1)``; split the candidates into consecutive groups of ``N_g = 4``;
   in each group keep the ``⌈|G| / 2⌉`` layers with the largest ``u_i`` and replace the rest.
-* **Reward**: ``r_j = exp(−L_j) − mean_c exp(−L_c)`` over the ``N_c`` masks of one step.
+* **Reward**: ``r_j = exp(−L_j) − mean_c exp(−L_c)`` over the ``N_c`` masks of one step (``reward="exp"``,
+  as published), or the same divided by ``mean_c exp(−L_c)`` (``reward="relative"``): ``exp(−L_j) / mean_c
+  exp(−L_c) − 1``, which is about ``mean_c L_c − L_j`` for close losses whatever the loss level. The published
+  reward scales with ``exp(−L)``: at a language-model loss of 6 (SmolLM2 on tweets) that is 0.0025, and the scores
+  move by about 1e-5 a step, so 100 steps leave them at noise (``benchmarks/results/offsite_loo_importance``:
+  scores within ±0.0006, Spearman +0.25 with leave-one-out importance). The relative reward keeps the paper's
+  ranking of masks and its update and only removes that scale.
 * **Update**: for every mask ``j`` and every layer ``i`` kept in it,
   ``s_i ← s_i + η · r_j · σ(s_i)(1 − σ(s_i))``.
 
@@ -21,9 +27,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+Reward = Literal["exp", "relative"]
+REWARDS: tuple[str, ...] = ("exp", "relative")
 
 
 def sample_keep_mask(scores: Tensor, group_size: int = 4, generator: torch.Generator | None = None) -> Tensor:
@@ -48,13 +58,28 @@ def sample_keep_mask(scores: Tensor, group_size: int = 4, generator: torch.Gener
     return keep
 
 
-def rewards(losses: Sequence[float] | Tensor) -> Tensor:
-    """``r_j = exp(−L_j) − mean_c exp(−L_c)`` for the ``N_c`` candidate losses of one step."""
-    value = torch.exp(-torch.as_tensor(losses, dtype=torch.float64))
+def rewards(losses: Sequence[float] | Tensor, reward: Reward = "exp") -> Tensor:
+    """The rewards of the ``N_c`` candidate losses of one step.
+
+    ``exp``: ``r_j = exp(−L_j) − mean_c exp(−L_c)`` (ScaleOT). ``relative``: ``exp(−L_j) / mean_c exp(−L_c) − 1``
+    (the same, free of the loss level; computed from ``L_j − min_c L_c`` so that it cannot underflow).
+
+    Raises:
+        ValueError: for an unknown ``reward``.
+    """
+    if reward not in REWARDS:
+        raise ValueError(f"`reward={reward!r}` must be one of {REWARDS}.")
+    loss = torch.as_tensor(losses, dtype=torch.float64)
+    if reward == "relative":
+        value = torch.exp(-(loss - loss.min()))
+        return value / value.mean() - 1.0
+    value = torch.exp(-loss)
     return value - value.mean()
 
 
-def reinforce_update(scores: Tensor, keep_masks: Tensor, losses: Sequence[float] | Tensor, lr: float) -> Tensor:
+def reinforce_update(
+    scores: Tensor, keep_masks: Tensor, losses: Sequence[float] | Tensor, lr: float, reward: Reward = "exp"
+) -> Tensor:
     """New scores after one RL step (pure; ``scores`` is not modified).
 
     Args:
@@ -62,11 +87,12 @@ def reinforce_update(scores: Tensor, keep_masks: Tensor, losses: Sequence[float]
         keep_masks: ``[N_c, n]`` bool, the sampled masks (True = kept).
         losses: ``[N_c]`` loss of the model under each mask, on a held-out batch.
         lr: ``η``.
+        reward: ``exp`` (ScaleOT) or ``relative`` (see :func:`rewards`).
 
     Returns:
         ``[n]`` scores, same dtype as ``scores``.
     """
-    r = rewards(losses)  # [N_c]
+    r = rewards(losses, reward)  # [N_c]
     sig = torch.sigmoid(scores.double())
     step = (r[:, None] * keep_masks.double()).sum(0) * sig * (1 - sig)  # [n]
     return (scores.double() + lr * step).to(scores.dtype)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from privtune.emulator.build import build_emulator, compress_kept_blocks
 from privtune.emulator.harmonizer import LayerSwitch, set_replace_mask
-from privtune.emulator.importance import reinforce_update, sample_keep_mask
+from privtune.emulator.importance import REWARDS, Reward, reinforce_update, sample_keep_mask
 from privtune.emulator.plan import EmulatorPlan, ReplaceChoice, scaleot_plan
 
 
@@ -41,13 +41,18 @@ class LayerImportance:
         layers: original indices of the candidate layers, in depth order.
         group_size: ``N_g``.
         seed: seed of the mask sampler.
+        reward: ``exp`` (ScaleOT's reward) or ``relative`` (free of the loss level; see
+            :func:`~privtune.emulator.importance.rewards`).
     """
 
-    def __init__(self, layers: Sequence[int], group_size: int = 4, seed: int = 0) -> None:
+    def __init__(self, layers: Sequence[int], group_size: int = 4, seed: int = 0, reward: Reward = "exp") -> None:
         if group_size < 1:
             raise ValueError(f"`group_size={group_size}` must be >= 1.")
+        if reward not in REWARDS:
+            raise ValueError(f"`reward={reward!r}` must be one of {REWARDS}.")
         self.layers = [int(i) for i in layers]
         self.group_size = group_size
+        self.reward = reward
         self.scores = torch.zeros(len(self.layers), dtype=torch.float64)  # s_i = 0: σ(s_i) = 0.5
         # mt19937 seeded with a small integer gives correlated first draws (e.g. seed 0 picks the same layer of a
         # pair ten times in a row): scramble the seed first.
@@ -62,13 +67,14 @@ class LayerImportance:
     def update(self, masks: Sequence[Mapping[int, bool]], losses: Sequence[float], lr: float) -> None:
         """REINFORCE update from ``N_c`` sampled masks and their held-out losses."""
         keep = torch.tensor([[bool(m[i]) for i in self.layers] for m in masks])
-        self.scores = reinforce_update(self.scores, keep, losses, lr)
+        self.scores = reinforce_update(self.scores, keep, losses, lr, self.reward)
 
     def state_dict(self) -> dict[str, Any]:
         """Scores, layers and the sampler's RNG state (for exact resume)."""
         return {
             "layers": list(self.layers),
             "group_size": self.group_size,
+            "reward": self.reward,
             "scores": self.scores.clone(),
             "rng": self.generator.get_state(),
         }
@@ -77,6 +83,12 @@ class LayerImportance:
         """Inverse of :meth:`state_dict`."""
         if list(state["layers"]) != self.layers:
             raise ValueError(f"Saved importance layers {state['layers']} differ from {self.layers}.")
+        saved_reward = state.get("reward", "exp")
+        if saved_reward != self.reward:
+            raise ValueError(
+                f"Saved importance scores were learned with `reward={saved_reward!r}`, this run uses "
+                f"`reward={self.reward!r}`; resume with the same reward or start a new run."
+            )
         self.group_size = int(state["group_size"])
         self.scores = state["scores"].clone().to(torch.float64)
         self.generator.set_state(state["rng"])
