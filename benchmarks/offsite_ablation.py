@@ -21,6 +21,10 @@ Arms (``--arms``):
 * ``f``: ScaleOT with Dynamic LayerReplace off: the harmonizers are only warm-started, each on its own block
   (per-block fit, 16 batches), and not trained under sampled replacement sets (harmonizer lr 1e-12); the RL scores
   are still learned.
+* ``g``: ScaleOT (d) with the relative importance reward (``LayerReplace.reward: relative``,
+  :func:`privtune.emulator.importance.rewards`): the published reward ``exp(-L_j) - mean exp(-L_c)`` is about 0.0025
+  times the loss gaps at SmolLM2's loss on the owner's corpus, so its scores stay at noise
+  (``benchmarks/results/offsite_loo_importance``); everything else as (d).
 * ``d300``, ``d1000``: ScaleOT (d) with 300 / 1000 stage-1 steps instead of 100 (owner-budget scaling; with (a)).
 * ``akd100``, ``akd300``, ``akd1000``: OT 2-13-2 distilled with OT's KD objective for 100 / 300 / 1000 steps on the
   owner's corpus (``configs/offsite_tuning/ot_distill_smollm2.yaml``'s model), then the same pipeline.
@@ -56,7 +60,7 @@ TASKS = {
     "bbc_news": ("tweets", 96),
     "tweets": ("bbc_news", 64),
 }
-ARMS = ("a_d", "b", "c", "e", "f", "d300", "d1000", "akd100", "akd300", "akd1000")
+ARMS = ("a_d", "b", "c", "e", "f", "g", "d300", "d1000", "akd100", "akd300", "akd1000")
 EMULATOR_LAYERS = 13  # OT 2-13-2: about the ScaleOT emulator's 0.66 of the parameters (α = 0.5 of 26: 13 replaced)
 
 
@@ -90,6 +94,8 @@ def row_config(base: dict[str, Any], arm: str, task: str, seed: int, root: Path)
         replace["warm_start_batches"] = 0
     elif arm == "f":
         config["model"]["init_args"]["lr"] = 1e-12
+    elif arm == "g":
+        replace["reward"] = "relative"
     elif arm in ("d300", "d1000"):
         config["trainer"]["max_steps"] = int(arm[1:])
     elif arm.startswith("akd"):

@@ -249,3 +249,17 @@ def test_b_and_e_rows_are_runnable_and_parse(tmp_path, arm: str) -> None:
     bad.write_text(yaml.safe_dump(row, sort_keys=False))
     with pytest.raises(SystemExit):  # the knob is type-checked: a typo fails at parse time
         _ParseOnlyCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(bad)])
+
+
+def test_g_row_is_scaleot_with_the_relative_reward_and_parses(tmp_path) -> None:
+    ablation = _ablation()
+    base = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    row = ablation.row_config(base, "g", "tweets", 2, tmp_path)
+    assert ablation._callback(row, "LayerReplace")["init_args"]["reward"] == "relative"
+    default = ablation.row_config(base, "a_d", "tweets", 2, tmp_path)
+    assert ablation._callback(default, "LayerReplace")["init_args"].get("reward", "exp") == "exp"
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(row, sort_keys=False))
+    cli = _ParseOnlyCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(path)])
+    replace = next(cb for cb in cli.config.trainer.callbacks if cb.class_path.endswith("LayerReplace"))
+    assert replace.init_args.reward == "relative"
