@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,16 @@ def _callback(trainer: Any, name: str) -> Any:  # noqa: ANN401 - a Lightning cal
     return next((cb for cb in trainer.callbacks if type(cb).__name__ == name), None)
 
 
+class _Clock:
+    """Wall and CPU seconds since construction."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return round(time.perf_counter() - self.wall, 1), round(time.process_time() - self.cpu, 1)
+
+
 def _regime(cli: Any) -> dict[str, Any]:  # noqa: ANN401
     dm, module, trainer = cli.datamodule, cli.model, cli.trainer
     train, _, test = dm.sizes
@@ -75,15 +86,24 @@ def _regime(cli: Any) -> dict[str, Any]:  # noqa: ANN401
     return regime
 
 
-def run_row(row: Row, seed: int, out: Path, run_root: Path, sets: list[str], controls: dict | None) -> Path:
-    """Train and audit ``row`` with ``seed`` unless its row file exists; returns the row file."""
-    path = row_file(out, row.name, seed)
-    if path.exists():
-        log(f"{row.name} seed {seed}: reused {path}")
-        return path
+def _tuned(cli: Any, steps: int) -> dict[str, int]:  # noqa: ANN401
+    params = [p for p in cli.model.parameters() if p.requires_grad]
+    tuned = sum(p.numel() * p.element_size() for p in params) if steps else 0
+    return {"bytes": tuned, "parameters": sum(p.numel() for p in params) if steps else 0}
+
+
+# ---------------------------------------------------------------------------------------------- runners
+# One runner per row family: ``(row, seed, run_dir, sets, controls) -> the row file's family-specific fields``
+# (accuracy, best_attack, validity, membership, dp, steps, bytes, times, overrides, regime). ``run_row`` adds the
+# shared fields (names, seed, machine, provenance) and writes the file.
+
+Runner = Callable[[Row, int, Path, list[str], dict[str, Any] | None], dict[str, Any]]
+
+
+def run_central(row: Row, seed: int, run_dir: Path, sets: list[str], controls: dict | None) -> dict[str, Any]:
+    """One ``train.py fit`` with the MembershipAudit callback (baselines, DP-SGD), then the held-out accuracy."""
     from train import main as train_main
 
-    run_dir = run_root / row.name / f"seed{seed}"
     args = [
         "fit",
         "--config",
@@ -95,10 +115,9 @@ def run_row(row: Row, seed: int, out: Path, run_root: Path, sets: list[str], con
         *(f"--{s}" for s in sets),
     ]
     log(f"{row.name} seed {seed}: train.py {' '.join(args)}")
-    load_start = os.getloadavg()[0]
-    start, cpu_start = time.perf_counter(), time.process_time()
+    clock = _Clock()
     cli = train_main(args)
-    fit_wall, fit_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    fit_wall, fit_cpu = clock.read()
     audit = _callback(cli.trainer, "MembershipAudit")
     if audit is None or audit.seed != seed or audit.report is None:
         raise RuntimeError(
@@ -106,18 +125,13 @@ def run_row(row: Row, seed: int, out: Path, run_root: Path, sets: list[str], con
             f"report at fit end; got {audit and audit.seed} for seed {seed}."
         )
     accuracy = cli.model.evaluate(cli.datamodule.test_dataloader(), desc="accuracy (held-out)")
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    wall, cpu = clock.read()
     report = audit.report
     validity = attack_validity(report, controls)
-    params = [p for p in cli.model.parameters() if p.requires_grad]
     steps = cli.trainer.global_step
     dp = _callback(cli.trainer, "OpacusDP")
-    result = {
-        "row": row.name,
-        "label": row.label,
-        "family": row.family,
-        "seed": seed,
-        "config": row.config,
+    tuned = _tuned(cli, steps)
+    return {
         "overrides": args[3:],
         "regime": _regime(cli),
         "accuracy": accuracy,
@@ -126,12 +140,169 @@ def run_row(row: Row, seed: int, out: Path, run_root: Path, sets: list[str], con
         "membership": report,
         "dp": dp.report() if dp is not None else None,
         "steps": steps,
-        "wall_seconds": round(wall, 1),
-        "cpu_seconds": round(cpu, 1),
-        "fit_wall_seconds": round(fit_wall, 1),
-        "fit_cpu_seconds": round(fit_cpu, 1),
-        "bytes": {"tuned": sum(p.numel() * p.element_size() for p in params) if steps else 0},
-        "trainable_parameters": sum(p.numel() for p in params) if steps else 0,
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "fit_wall_seconds": fit_wall,
+        "fit_cpu_seconds": fit_cpu,
+        "bytes": {"tuned": tuned["bytes"]},
+        "trainable_parameters": tuned["parameters"],
+    }
+
+
+FED = "trainer.strategy.init_args.federated"
+
+
+def federated_overrides(seed: int, run_dir: Path) -> list[str]:
+    """The per-seed ``train.py`` overrides of a federated config (its seeds and output folders live elsewhere)."""
+    report_dir = run_dir / "report"
+    return [
+        f"--seed_everything={seed}",
+        f"--data.init_args.datamodule.init_args.seed={seed}",  # the split: the same members as every row's
+        f"--data.init_args.seed={seed}",  # the partition of the members over the clients
+        f"--{FED}.seed={seed}",  # client sampling and order, the audit's draws
+        f"--{FED}.report_dir={report_dir}",
+        f"--data.init_args.partition_dir={report_dir}",
+        f"--trainer.default_root_dir={run_dir}",
+    ]
+
+
+def _fed_regime(cli: Any, report: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN401
+    from privtune.federated.sampling import plan_round
+
+    fdm, cfg = cli.datamodule, report["config"]
+    dm = fdm.inner
+    train, test = len(dm.splits["train"].labels), len(dm.splits["test"].labels)
+    clients = fdm.num_clients
+    cohort = len(plan_round(1, clients, cfg["sample_fraction"], cfg["seed"]).sampled)
+    passes = cfg["num_rounds"] * cohort / clients * cfg["local_epochs"]
+    regime = {
+        "dataset": type(dm).__name__,
+        "model": cli.model.hparams.model,
+        "members": train,
+        "nonmembers": test,
+        "epochs": passes,  # mean passes over each member: the central rows' epochs
+        "batch_size": dm.batch_size,
+        "max_length": dm.max_length,
+        "clients": clients,
+        "partition": f"{fdm.partition_mode} (alpha {fdm.alpha}), seed {fdm.seed}",
+        "rounds": cfg["num_rounds"],
+        "clients_per_round": cohort,
+        "local_epochs": cfg["local_epochs"],
+    }
+    regime["text"] = (
+        f"{regime['dataset']} on {regime['model']}: {train} members (the whole training split) partitioned over "
+        f"{clients} clients ({regime['partition']}); {cfg['num_rounds']} rounds x {cohort} of {clients} clients x "
+        f"{cfg['local_epochs']} local epoch(s) = {passes:g} passes over each member on average, batch "
+        f"{dm.batch_size}, max_length {dm.max_length}; the {test} held-out test examples (split over the clients) "
+        "are the non-members and the accuracy split; the split is drawn by the seed, the same for every row."
+    )
+    return regime
+
+
+def run_federated(row: Row, seed: int, run_dir: Path, sets: list[str], controls: dict | None) -> dict[str, Any]:
+    """One federated ``train.py fit``; accuracy and audit of the global model from the run's ``report.json``.
+
+    The MembershipAudit callback is refused in federated runs (it would need the clients' batches), so the config
+    sets ``membership_audit: true`` and the round loop attacks the final global model and the personalised models
+    (:mod:`privtune.federated.membership`). The row's ``best_attack`` is the global model's (the released artefact);
+    the personalised audit pools every client's examples, each scored by its own client's model (a per-client AUC
+    over a client's handful of members would be noise).
+    """
+    from train import main as train_main
+
+    args = ["fit", "--config", str(ROOT / row.config), *federated_overrides(seed, run_dir), *(f"--{s}" for s in sets)]
+    report_path = run_dir / "report" / "report.json"
+    report_path.unlink(missing_ok=True)  # left by an interrupted run: never read a stale report
+    log(f"{row.name} seed {seed}: train.py {' '.join(args)}")
+    clock = _Clock()
+    cli = train_main(args)
+    wall, cpu = clock.read()
+    if not report_path.exists():
+        raise RuntimeError(f"{row.config}: the federated run wrote no {report_path} (set {FED}.report_dir).")
+    report = json.loads(report_path.read_text())
+    audit = report.get("membership")
+    if audit is None:
+        raise RuntimeError(f"{row.config}: the federated run has no membership audit; set {FED}.membership_audit=true.")
+    last = next((h for h in reversed(report["history"]) if "fed/global_acc" in h), None)
+    if last is None:
+        raise RuntimeError(f"{row.config}: no round evaluated the global model ({report.get('stop_reason')}).")
+    personal = audit.get("personalised")
+    validity = attack_validity(audit["global"], controls)
+    personal_validity = attack_validity(personal, controls) if personal else None
+    ledger = report["ledger"]
+    steps = round(sum(h["clients/mean_local_steps"] * h["clients/reported"] for h in report["history"]))
+    tuned = _tuned(cli, steps)
+    dp = report.get("client_dp")
+    return {
+        "overrides": args[3:],
+        "regime": _fed_regime(cli, report),
+        "accuracy": {
+            "acc": last["fed/global_acc"],  # the global model on the whole held-out split
+            "personalised": last["fed/personalized_acc"] if personal else None,
+            "n": len(cli.datamodule.inner.splits["test"].labels),
+            "round": int(last["round"]),
+        },
+        "best_attack": best_valid(audit["global"], validity),
+        "validity": validity,
+        "membership": audit["global"],
+        "personalised": {
+            "best_attack": best_valid(personal, personal_validity),
+            "validity": personal_validity,
+            "membership": personal,
+        }
+        if personal
+        else None,
+        "audit": {k: audit[k] for k in ("n_members", "n_nonmembers", "participants")},
+        "dp": {"level": "client", **dp} if dp else None,
+        "federated": {
+            "server": report["server"],
+            "layers": report["config"]["layers"],
+            "selected_layers": report["selected_layers"],
+            "rounds_run": ledger["rounds"],
+            "stop_reason": report.get("stop_reason"),
+            "report": str(report_path),
+        },
+        "steps": steps,  # local optimizer steps summed over clients and rounds
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "fit_wall_seconds": wall,  # the audit and the evaluation run inside the fit
+        "fit_cpu_seconds": cpu,
+        "bytes": {
+            "tuned": tuned["bytes"],
+            "up": ledger["up_bytes"],
+            "down": ledger["down_bytes"],
+            "communicated": ledger["total_bytes"],
+        },
+        "trainable_parameters": tuned["parameters"],
+    }
+
+
+RUNNERS: dict[str, Runner] = {
+    "baseline": run_central,
+    "dp_sgd": run_central,
+    "shaking": run_central,
+    "federated": run_federated,
+}
+
+
+def run_row(row: Row, seed: int, out: Path, run_root: Path, sets: list[str], controls: dict | None) -> Path:
+    """Train and audit ``row`` with ``seed`` unless its row file exists; returns the row file."""
+    path = row_file(out, row.name, seed)
+    if path.exists():
+        log(f"{row.name} seed {seed}: reused {path}")
+        return path
+    runner = RUNNERS.get(row.family)
+    if runner is None:
+        raise ValueError(f"{row.name}: no runner for the {row.family!r} family (runners: {sorted(RUNNERS)}).")
+    load_start = os.getloadavg()[0]
+    fields = runner(row, seed, run_root / row.name / f"seed{seed}", sets, controls)
+    result = {
+        "row": row.name,
+        "label": row.label,
+        "family": row.family,
+        "seed": seed,
+        "config": row.config,
+        **fields,
         "machine": {
             "cpus": os.cpu_count(),
             "torch_threads": _torch_threads(),
@@ -143,9 +314,10 @@ def run_row(row: Row, seed: int, out: Path, run_root: Path, sets: list[str], con
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     best = result["best_attack"]
+    attack = f"best valid AUC {best['auc']['value']:.3f} ({best['attack']})" if best else "no valid attack"
     log(
-        f"{row.name} seed {seed}: acc {accuracy['acc']:.3f}, best valid AUC "
-        f"{best['auc']['value']:.3f} ({best['attack']})" * bool(best) + f", {wall:.0f} s wall -> {path}"
+        f"{row.name} seed {seed}: acc {result['accuracy']['acc']:.3f}, {attack}, "
+        f"{result['wall_seconds']:.0f} s wall -> {path}"
     )
     return path
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -71,10 +72,11 @@ def _row_file(out: Path, name: str, seed: int, acc: float, auc: float, eps: floa
 
 def test_bad_rows_rejected_with_one_error_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown row") as err:
-        check_rows(["lora", "nope", "lorra", "fedavg"])
+        check_rows(["lora", "nope", "lorra", "shaking_hv", "fedavg"])
     message = str(err.value)
     assert "nope" in message and "lorra" in message  # every bad name at once
-    assert "`fedavg` needs" in message and "final global prompt" in message  # a blocked row names its hook
+    assert "`shaking_hv` needs" in message and "EmbeddingShaking" in message  # a blocked row names its hook
+    assert "`fedavg`" not in message  # the federated rows run
     with pytest.raises(ValueError, match="at least one row"):
         check_rows([])
     assert [r.name for r in check_rows(["all"])] == [r.name for r in ROWS.values() if r.runnable]
@@ -84,6 +86,11 @@ def test_bad_rows_rejected_with_one_error_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before any run or file
 
 
+def _federated(cfg: dict) -> dict | None:
+    strategy = cfg["trainer"].get("strategy")
+    return strategy["init_args"]["federated"] if strategy else None
+
+
 def test_row_configs_share_one_regime():
     configs = sorted((REPO / "configs" / "frontier").glob("*.yaml"))
     runnable = {r.config for r in ROWS.values() if r.runnable}
@@ -91,6 +98,8 @@ def test_row_configs_share_one_regime():
     regimes = set()
     for path in configs:
         cfg = yaml.safe_load(path.read_text())
+        if _federated(cfg) is not None:
+            continue  # test_federated_row_configs_carry_the_regime
         assert cfg["trainer"]["callbacks"][-1]["class_path"].endswith("MembershipAudit"), path  # seed override
         data = cfg["data"]
         regimes.add((data["class_path"], json.dumps(data["init_args"], sort_keys=True), cfg["trainer"]["max_epochs"]))
@@ -117,7 +126,11 @@ def test_summary_table_and_plot_from_row_files(tmp_path):
     assert full["leak_measurable"] == [True, True, True]
     assert rows["lora"]["status"] == "partial: 1 of 3 seeds"
     assert rows["zero_shot"]["status"] == "not yet run"
-    assert rows["fedavg"]["status"] == "not yet run: needs a hook" and "global prompt" in rows["fedavg"]["needs"]
+    assert rows["fedavg"]["status"] == "not yet run" and "needs" not in rows["fedavg"]
+    assert (
+        rows["shaking_hv"]["status"] == "not yet run: needs a hook"
+        and "EmbeddingShaking" in rows["shaking_hv"]["needs"]
+    )
     assert rows["dp_sgd_eps3"]["epsilon"]["mean"] == 3
     assert rows["shaking_hv"]["token_recovery"]["file"] == "benchmarks/results/decipher_shaking/rows/bbc_same_hv.json"
     assert summary["goal"] == {"decided": False, "why": "no privtune method without formal DP has run yet"}
@@ -125,6 +138,100 @@ def test_summary_table_and_plot_from_row_files(tmp_path):
     assert "| Full fine-tuning, non-private | done | 3 | 0.900 ± 0.020 | 0.720 ± 0.020 (loss)" in text
     assert "Fewer than 3 seeds" in text and "LoRA (r=8), non-private" in text
     assert "Offsite plug-in, ScaleOT (`offsite_scaleot`): MembershipAudit on the plug-in model" in text
+
+
+def test_federated_row_configs_carry_the_regime():
+    """Same members, same held-out split, 3 passes on average: the federated rows face the central rows' audit."""
+    central = yaml.safe_load((REPO / ROWS["lora"].config).read_text())
+    federated = [r for r in ROWS.values() if r.family == "federated"]
+    assert [r.name for r in federated] == ["fedpeptao", "fedavg", "fedpeptao_client_dp", "fedavg_client_dp"]
+    for row in federated:
+        assert row.runnable and not row.needs
+        cfg = yaml.safe_load((REPO / row.config).read_text())
+        fed, data = _federated(cfg), cfg["data"]["init_args"]
+        assert "callbacks" not in cfg["trainer"]  # MembershipAudit is refused in federated runs
+        assert data["datamodule"] == central["data"]  # the same 128 members and 128 held-out test examples
+        assert data["num_clients"] == 20 and data["partition"] == "dirichlet_label" and data["alpha"] == 0.5
+        assert data["eval_split"] == "test"  # accuracy and non-members: the held-out test split
+        cohort = math.ceil(fed["sample_fraction"] * data["num_clients"])
+        passes = fed["num_rounds"] * cohort / data["num_clients"] * fed["local_epochs"]
+        assert passes == central["trainer"]["max_epochs"] == 3
+        assert fed["membership_audit"] is True and fed["membership_examples"] >= 128
+        assert cfg["model"]["init_args"]["model"] == "smollm2-135m-instruct"
+        assert fed["layers"] == ("fedpeptao" if row.name.startswith("fedpeptao") else "all")
+        server = fed["server"]["class_path"]
+        assert server.endswith("FedPepTAOServer" if row.name.startswith("fedpeptao") else ".FedAvg")
+        dp = fed.get("client_dp")
+        assert (dp is not None) == row.name.endswith("client_dp")
+        if dp:
+            assert dp["target_epsilon"] == 8 and "ε=8" in row.label and dp["delta"] < 1 / data["num_clients"]
+
+
+FED_TINY = [
+    "model.init_args.model=tiny-llama",
+    "model.init_args.num_virtual_tokens=2",
+    "data.init_args.datamodule.init_args.train_size=24",
+    "data.init_args.datamodule.init_args.test_size=16",
+    "data.init_args.datamodule.init_args.max_length=32",
+    "data.init_args.num_clients=4",
+    "trainer.strategy.init_args.federated.num_rounds=2",
+    "trainer.strategy.init_args.federated.sample_fraction=0.5",
+    "trainer.strategy.init_args.federated.eval_every=2",
+    "trainer.strategy.init_args.federated.membership_examples=16",
+]
+SCHEMA = {
+    "row", "label", "family", "seed", "config", "overrides", "regime", "accuracy", "best_attack", "validity",
+    "membership", "dp", "steps", "wall_seconds", "cpu_seconds", "fit_wall_seconds", "fit_cpu_seconds", "bytes",
+    "trainable_parameters", "machine", "provenance",
+}  # fmt: skip
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_federated_rows_run_through_the_federated_branch(tmp_path, monkeypatch):
+    script = _script()
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    controls = {"verdicts": {"loss": {"positive": True}}}
+    monkeypatch.setattr(sys, "argv", ["privacy_frontier.py"])
+    for name in ("fedpeptao_client_dp", "fedavg"):
+        script.run_row(ROWS[name], 1, out, runs, FED_TINY, controls)
+    dp_row = json.loads(row_file(out, "fedpeptao_client_dp", 1).read_text())
+    plain = json.loads(row_file(out, "fedavg", 1).read_text())
+    for data in (dp_row, plain):
+        assert data.keys() >= SCHEMA and data["seed"] == 1 and data["family"] == "federated"
+        assert data["regime"]["members"] == 24 and data["regime"]["nonmembers"] == 16
+        assert data["regime"]["clients"] == 4 and data["regime"]["epochs"] == 1.0  # 2 rounds x 2 of 4 clients
+        assert 0 <= data["accuracy"]["acc"] <= 1 and data["accuracy"]["n"] == 16
+        assert data["membership"]["meta"]["model"] == "global"  # the row's attack is the global model's
+        assert data["best_attack"]["attack"] == "loss" and data["validity"]["loss"]["valid"] is True
+        bytes_ = data["bytes"]
+        assert bytes_["communicated"] == bytes_["up"] + bytes_["down"] > 0 and bytes_["tuned"] > 0
+        assert data["steps"] > 0 and data["federated"]["rounds_run"] == 2 and data["wall_seconds"] > 0
+        assert "--trainer.strategy.init_args.federated.seed=1" in data["overrides"]
+        assert "--data.init_args.datamodule.init_args.seed=1" in data["overrides"]
+    assert dp_row["dp"]["level"] == "client" and 0 < dp_row["dp"]["epsilon"] <= 8.0  # client-level ε spent
+    assert dp_row["dp"]["noise_multiplier"] > 0
+    personal = dp_row["personalised"]  # FedPepTAO's personal layers: their audit beside the global one
+    assert personal["membership"]["meta"]["model"] == "personalised" and personal["validity"]["loss"]["valid"]
+    assert 0 <= dp_row["accuracy"]["personalised"] <= 1
+    assert plain["dp"] is None and plain["federated"]["layers"] == "all"
+    # FedAvg federates every layer: a client's personalised model is the global model, and both audits agree
+    assert plain["accuracy"]["personalised"] == plain["accuracy"]["acc"]
+    assert plain["personalised"]["membership"]["attacks"] == plain["membership"]["attacks"]
+    assert (runs / "fedavg" / "seed1" / "report" / "partition_train.json").exists()
+    summary = {r["row"]: r for r in summarise(out)["rows"]}
+    assert summary["fedavg"]["communicated_bytes"]["mean"] == plain["bytes"]["communicated"]
+    assert summary["fedpeptao_client_dp"]["epsilon"]["mean"] == dp_row["dp"]["epsilon"]
+    assert "personalised_accuracy" in summary["fedpeptao_client_dp"]
+
+
+def test_a_family_without_a_runner_is_refused_before_any_work(tmp_path):
+    script = _script()
+    row = frontier.Row("offsite_x", "Offsite", "offsite", "configs/frontier/lora.yaml")
+    assert "offsite" not in script.RUNNERS and script.RUNNERS["federated"] is script.run_federated
+    with pytest.raises(ValueError, match="no runner for the 'offsite' family"):
+        script.run_row(row, 0, tmp_path / "out", tmp_path / "runs", [], None)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_invalid_attacks_are_not_used():

@@ -1,8 +1,9 @@
 """The privacy-utility-cost frontier: every method's row on one task, one split, against the same attacks.
 
 Each row is one method tuned in one shared regime (``configs/frontier/``); each ``(row, seed)`` run leaves a row
-file (accuracy on the held-out split, the membership audit of :class:`~privtune.callbacks.MembershipAudit`, wall
-time, bytes, provenance). This module turns the row files into the frontier: ``frontier.json``, ``frontier.md``
+file (accuracy on the held-out split, the membership audit of :class:`~privtune.callbacks.MembershipAudit`, or for a
+federated row the run's own audit of its global model, :mod:`privtune.federated.membership`; wall time, bytes,
+provenance). This module turns the row files into the frontier: ``frontier.json``, ``frontier.md``
 (mean ± std over seeds) and ``frontier.png`` (accuracy against the best valid attack's AUC, with DP-SGD's epsilon
 rows as the reference line). Torch-free: plain dicts in, JSON / Markdown / PNG out.
 
@@ -40,7 +41,8 @@ class Row:
         family: ``baseline``, ``dp_sgd``, ``offsite``, ``federated`` or ``shaking``.
         config: ``configs/frontier/<name>.yaml`` for a row the frontier can run; ``None`` while a hook is missing.
         needs: for a row that cannot run yet, the hook it needs (what the table and the report say).
-        epsilon: the DP-SGD target (the reference line of the plot).
+        epsilon: the DP-SGD target (the reference line of the plot); the client-level DP rows' target is in their
+            config and label (a guarantee per client, not per example, so not on DP-SGD's line).
         decipher: the decipherment row file whose token recovery the row carries (shaking rows).
     """
 
@@ -65,13 +67,6 @@ _OFFSITE_HOOK = (
     "split; reference: the untuned base) and write the report beside offsite_report.json, with the pipeline's "
     "data-owner tuning in the frontier's regime (the same members for 3 epochs, not max_steps)"
 )
-_FED_HOOK = (
-    "an audit of the final global prompt (and each client's personalised prompt) in privtune/federated/loop.py: "
-    "after the last round, beside evaluate(..., personalised=False), score the model with "
-    "privtune.attacks.membership.audit_model, members drawn from the examples of the clients that took part, "
-    "non-members from held-out examples, written into the run's report.json (MembershipAudit refuses federated "
-    "runs); and a partition of the frontier's members over the 20 clients"
-)
 _SHAKING_HOOK = (
     "(1) a BBC News config per key with EmbeddingShaking(recovery='horizontal') on the implanted shaken model both "
     "keys were chosen for (configs/shaking/smollm2_implant.yaml writes runs/shaking/implanted, which is not in the "
@@ -91,10 +86,20 @@ ROWS: dict[str, Row] = {
         Row("offsite_ot_uniform", "Offsite plug-in, OT uniform drop", "offsite", needs=_OFFSITE_HOOK),
         Row("offsite_scaleot", "Offsite plug-in, ScaleOT", "offsite", needs=_OFFSITE_HOOK),
         Row("offsite_gradot", "Offsite plug-in, GradOT", "offsite", needs=_OFFSITE_HOOK),
-        Row("fedpeptao", "FedPepTAO (20 clients)", "federated", needs=_FED_HOOK),
-        Row("fedavg", "FedAvg (20 clients)", "federated", needs=_FED_HOOK),
-        Row("fedpeptao_client_dp", "FedPepTAO + client-level DP", "federated", needs=_FED_HOOK),
-        Row("fedavg_client_dp", "FedAvg + client-level DP", "federated", needs=_FED_HOOK),
+        Row("fedpeptao", "FedPepTAO (20 clients)", "federated", "configs/frontier/fedpeptao.yaml"),
+        Row("fedavg", "FedAvg (20 clients)", "federated", "configs/frontier/fedavg.yaml"),
+        Row(
+            "fedpeptao_client_dp",
+            "FedPepTAO + client-level DP ε=8 (20 clients)",
+            "federated",
+            "configs/frontier/fedpeptao_client_dp.yaml",
+        ),
+        Row(
+            "fedavg_client_dp",
+            "FedAvg + client-level DP ε=8 (20 clients)",
+            "federated",
+            "configs/frontier/fedavg_client_dp.yaml",
+        ),
         Row(
             "shaking_search_key",
             "Shaking, the search's key",
@@ -244,6 +249,10 @@ def summarise(out: Path, root: Path | None = None) -> dict[str, Any]:
             entry["wall_seconds"] = _mean_std(r["wall_seconds"] for r in runs)
             entry["cpu_seconds"] = _mean_std(r["cpu_seconds"] for r in runs)
             entry["tuned_bytes"] = runs[0].get("bytes", {}).get("tuned")
+            if runs[0].get("bytes", {}).get("communicated"):  # federated rows: up + down over the whole run
+                entry["communicated_bytes"] = _mean_std(r["bytes"]["communicated"] for r in runs)
+            if runs[0]["accuracy"].get("personalised") is not None:  # federated rows with personal layers
+                entry["personalised_accuracy"] = _mean_std(r["accuracy"]["personalised"] for r in runs)
             entry["steps"] = runs[0].get("steps")
             eps = [r["dp"]["epsilon"] for r in runs if r.get("dp")]
             if eps:
@@ -328,6 +337,8 @@ def markdown(summary: Mapping[str, Any], provenance: Mapping[str, Any] | None = 
         wall = _pm(r.get("wall_seconds"), digits=0)
         cpu = _pm(r.get("cpu_seconds"), digits=0)
         size = _bytes(r.get("tuned_bytes"))
+        if r.get("communicated_bytes"):
+            size += f"; {_bytes(r['communicated_bytes']['mean'])} sent (up + down)"
         lines.append(
             f"| {r['label']} | {r['status']} | {len(r['seeds'])} | {_pm(r.get('accuracy'))} "
             f"| {_pm(r.get('auc'))}{attacks} | {_pm(r.get('tpr@1%'))} | {leak} | {eps} | {tok_cell} "
@@ -335,6 +346,9 @@ def markdown(summary: Mapping[str, Any], provenance: Mapping[str, Any] | None = 
         )
     lines += [
         "",
+        "Federated rows: accuracy and AUC are the global model's (the personalised models' are in the row files); "
+        "bytes add what the clients sent and received over the run; the ε of the client-level DP rows bounds what "
+        "the global model reveals about a whole client, not about one example. "
         "Times: wall and CPU seconds of the whole run (training, audit, accuracy) on a 2-core machine shared with "
         "other jobs; each row file records the load average at its start and end. Token recovery of the search's "
         "key is the permutation-only (horizontal) key's: the vertical operators never touch the ids, so for the id "
