@@ -5,9 +5,12 @@ of the run, of the data split and of the membership audit set per seed (so every
 members and is audited against the same held-out non-members). After the fit the script measures the accuracy on the
 held-out split and writes ``<out>/rows/<row>_seed<seed>.json``: the accuracy, the MembershipAudit report, the best
 valid attack (AUC and TPR at 1 % FPR with bootstrap 95 % intervals), epsilon for DP-SGD rows, wall and CPU time,
-bytes, and provenance. A row file that exists is reused, so the frontier runs in pieces (``--commit`` commits each
-file as it lands). Then ``frontier.json`` / ``.md`` / ``.png`` are regenerated from whatever row files exist
-(``--summarise-only`` does only that).
+bytes, and provenance. A federated row (:func:`run_federated`) sets its own seeds (split, partition over the clients,
+sampling) and output folders, and fills the same fields from the run's ``report.json``: the global model's accuracy
+and audit (``membership_audit: true``; the personalised models' beside them), the client-level epsilon spent and the
+bytes the clients sent and received. ``RUNNERS`` maps each row family to its runner. A row file that exists is
+reused, so the frontier runs in pieces (``--commit`` commits each file as it lands). Then ``frontier.json`` /
+``.md`` / ``.png`` are regenerated from whatever row files exist (``--summarise-only`` does only that).
 
 Threat model and attacks: :mod:`privtune.attacks.membership` (members = the training split, non-members = the
 held-out test split of the same distribution); an attack is used only if its controls pass (docs/privacy_audit.md).
