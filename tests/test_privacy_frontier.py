@@ -98,8 +98,8 @@ def test_row_configs_share_one_regime():
     regimes = set()
     for path in configs:
         cfg = yaml.safe_load(path.read_text())
-        if _federated(cfg) is not None:
-            continue  # test_federated_row_configs_carry_the_regime
+        if _federated(cfg) is not None or path.name.startswith("offsite_"):
+            continue  # test_federated_row_configs_carry_the_regime, test_offsite_row_configs_carry_the_regime
         assert cfg["trainer"]["callbacks"][-1]["class_path"].endswith("MembershipAudit"), path  # seed override
         data = cfg["data"]
         regimes.add((data["class_path"], json.dumps(data["init_args"], sort_keys=True), cfg["trainer"]["max_epochs"]))
@@ -137,7 +137,8 @@ def test_summary_table_and_plot_from_row_files(tmp_path):
     text = paths[1].read_text()
     assert "| Full fine-tuning, non-private | done | 3 | 0.900 ± 0.020 | 0.720 ± 0.020 (loss)" in text
     assert "Fewer than 3 seeds" in text and "LoRA (r=8), non-private" in text
-    assert "Offsite plug-in, ScaleOT (`offsite_scaleot`): MembershipAudit on the plug-in model" in text
+    assert "Shaking, hv key (`shaking_hv`): (1) a BBC News config" in text  # a row still blocked names its hook
+    assert "`offsite_scaleot`" not in text  # the offsite rows run
 
 
 def test_federated_row_configs_carry_the_regime():
@@ -225,11 +226,104 @@ def test_federated_rows_run_through_the_federated_branch(tmp_path, monkeypatch):
     assert "personalised_accuracy" in summary["fedpeptao_client_dp"]
 
 
+def _pipeline_args(cfg: dict) -> dict:
+    callbacks = cfg["trainer"]["callbacks"]
+    assert callbacks[-1]["class_path"].endswith("OffsitePipeline")  # last: the frontier sets its seeds
+    assert any(cb["class_path"].endswith("EmulatorExport") for cb in callbacks)
+    return callbacks[-1]["init_args"]
+
+
+def test_offsite_row_configs_carry_the_regime():
+    """The data owner's members and held-out split are lora.yaml's; 48 steps = 3 epochs; audit and extraction on."""
+    central = yaml.safe_load((REPO / ROWS["lora"].config).read_text())
+    data, epochs = central["data"]["init_args"], central["trainer"]["max_epochs"]
+    offsite = [r for r in ROWS.values() if r.family == "offsite"]
+    assert [r.name for r in offsite] == ["offsite_ot_uniform", "offsite_scaleot", "offsite_gradot"]
+    assert ROWS["offsite_ot_uniform"].config == ROWS["offsite_scaleot"].config  # one run, both rows
+    for row in offsite:
+        assert row.runnable and not row.needs
+        cfg = yaml.safe_load((REPO / row.config).read_text())
+        owner = _pipeline_args(cfg)
+        assert owner["task"] == "bbc_news" and cfg["model"]["init_args"]["model"] == "smollm2-135m-instruct"
+        for key in ("train_size", "val_size", "test_size", "max_length", "batch_size"):
+            assert owner[key] == data[key], key  # make_datamodule draws the same split with the same seed
+        assert owner["train_size"] == owner["test_size"] == owner["audit_examples"] == 128
+        assert owner["max_steps"] == epochs * math.ceil(owner["train_size"] / owner["batch_size"]) == 48
+        assert owner["membership_audit"] is True and owner["audit_reference"] is True
+        assert owner["extraction"] is True
+        assert cfg["data"]["init_args"]["source"] == "tweets"  # the model owner's public text holds no member
+    scaleot = yaml.safe_load((REPO / ROWS["offsite_scaleot"].config).read_text())
+    assert _pipeline_args(scaleot)["uniform_drop_layers"] == 13
+    assert scaleot["model"]["class_path"].endswith("HarmonizerImportance")
+    assert (
+        yaml.safe_load((REPO / ROWS["offsite_gradot"].config).read_text())["model"]["init_args"]["method"] == "gradot"
+    )
+
+
+def _tiny_offsite(path: Path) -> str:
+    """configs/frontier/offsite_scaleot.yaml shrunk to a tiny random Llama and a handful of BBC News examples."""
+    cfg = yaml.safe_load((REPO / ROWS["offsite_scaleot"].config).read_text())
+    cfg["trainer"]["max_steps"] = 1
+    cfg["model"]["init_args"] |= {"model": "tiny-llama", "lr": 1e-2}
+    cfg["data"]["init_args"] |= {"block_size": 32, "max_train_blocks": 8, "max_val_blocks": 4}
+    replace, export, pipeline = (cb["init_args"] for cb in cfg["trainer"]["callbacks"])
+    replace |= {"adapter_bottom": 1, "adapter_top": 1, "harmonizer_rank": 8, "group_size": 2, "num_candidates": 2}
+    replace["warm_start_batches"] = 0
+    export |= {"adapter_layers": 2, "alpha": 0.5, "beta": 0.5, "beta_mlp": 0.75}
+    pipeline |= {"train_size": 16, "val_size": 4, "test_size": 12, "max_length": 32, "max_steps": 2, "lr": 1e-2}
+    pipeline |= {"uniform_drop_layers": 1, "audit_examples": 16, "audit_reference": False}
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.assets
+def test_one_offsite_run_writes_both_rows(tmp_path, monkeypatch):
+    script = _script()
+    tiny = _tiny_offsite(tmp_path / "tiny.yaml")
+    for name in ("offsite_scaleot", "offsite_ot_uniform"):
+        monkeypatch.setitem(ROWS, name, frontier.Row(name, ROWS[name].label, "offsite", tiny))
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    monkeypatch.setattr(sys, "argv", ["privacy_frontier.py"])
+    controls = {"verdicts": {"loss": {"positive": True}}}
+    script.run_row(ROWS["offsite_scaleot"], 1, out, runs, [], controls)
+    scaleot = json.loads(row_file(out, "offsite_scaleot", 1).read_text())
+    uniform = json.loads(row_file(out, "offsite_ot_uniform", 1).read_text())  # from the same run
+    report = json.loads((runs / "offsite_scaleot" / "seed1" / "pipeline" / "offsite_report.json").read_text())
+    assert report["meta"]["seed"] == report["meta"]["audit_seed"] == 1
+    for data, arm in ((scaleot, "scaleot"), (uniform, "ot_uniform_drop_1-1-1")):
+        assert data.keys() >= SCHEMA and data["seed"] == 1 and data["family"] == "offsite"
+        assert data["accuracy"]["arm"] == arm and data["accuracy"]["acc"] == report["arms"][arm]["plug_in"]
+        assert data["membership"] == report["membership"][arm] and data["membership"]["meta"]["model"] == arm
+        assert data["best_attack"]["attack"] == "loss" and data["validity"]["loss"]["valid"] is True
+        assert data["full_ft"]["membership"]["meta"]["model"] == "full_ft" and data["full_ft"]["best_attack"]
+        assert data["regime"]["members"] == 16 and data["regime"]["nonmembers"] == 12
+        assert data["regime"]["epochs"] == 1.0 and data["steps"] == 2  # 2 steps over 16 members at batch 8
+        assert data["bytes"]["communicated"] == data["bytes"]["up"] + data["bytes"]["down"]
+        assert data["bytes"]["tuned"] > 0 and data["trainable_parameters"] > 0
+        assert data["wall_seconds"] == scaleot["wall_seconds"] > 0 and data["dp"] is None
+        assert "OffsitePipeline.audit_seed=1" in data["overrides"]
+    assert scaleot["extraction"]["gap_points"] == report["extraction_gap_points"] is not None
+    assert uniform["extraction"] == {"accuracy": None, "gap_points": None}  # no shipped emulator to extract
+    assert uniform["bytes"]["up"] > 0 and not uniform["offsite"]["emulator_shipped"]
+    summary = {r["row"]: r for r in summarise(out)["rows"]}
+    assert summary["offsite_scaleot"]["extraction_gap_points"]["mean"] == report["extraction_gap_points"]
+    assert "extraction_gap_points" not in summary["offsite_ot_uniform"]
+
+    import train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished row must be reused, not rerun")
+
+    monkeypatch.setattr(train, "main", refuse)
+    script.run_row(ROWS["offsite_ot_uniform"], 1, out, runs, [], controls)  # written by the ScaleOT run: reused
+
+
 def test_a_family_without_a_runner_is_refused_before_any_work(tmp_path):
     script = _script()
-    row = frontier.Row("offsite_x", "Offsite", "offsite", "configs/frontier/lora.yaml")
-    assert "offsite" not in script.RUNNERS and script.RUNNERS["federated"] is script.run_federated
-    with pytest.raises(ValueError, match="no runner for the 'offsite' family"):
+    row = frontier.Row("other_x", "Other", "other", "configs/frontier/lora.yaml")
+    assert "other" not in script.RUNNERS and script.RUNNERS["federated"] is script.run_federated
+    assert script.RUNNERS["offsite"] is script.run_offsite
+    with pytest.raises(ValueError, match="no runner for the 'other' family"):
         script.run_row(row, 0, tmp_path / "out", tmp_path / "runs", [], None)
     assert not (tmp_path / "runs").exists()
 

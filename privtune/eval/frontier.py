@@ -60,13 +60,6 @@ class Row:
         return self.config is not None
 
 
-_OFFSITE_HOOK = (
-    "MembershipAudit on the plug-in model inside the offsite recipe: in privtune/recipes/offsite.py, "
-    "tune_emulator_and_plug_in, after plugged_classifier(...), score the plug-in model with "
-    "privtune.attacks.membership.audit_model (members: the data owner's training split; non-members: its test "
-    "split; reference: the untuned base) and write the report beside offsite_report.json, with the pipeline's "
-    "data-owner tuning in the frontier's regime (the same members for 3 epochs, not max_steps)"
-)
 _SHAKING_HOOK = (
     "(1) a BBC News config per key with EmbeddingShaking(recovery='horizontal') on the implanted shaken model both "
     "keys were chosen for (configs/shaking/smollm2_implant.yaml writes runs/shaking/implanted, which is not in the "
@@ -83,9 +76,12 @@ ROWS: dict[str, Row] = {
         Row("dp_sgd_eps1", "DP-SGD ε=1 (LoRA)", "dp_sgd", "configs/frontier/dp_sgd_eps1.yaml", epsilon=1.0),
         Row("dp_sgd_eps3", "DP-SGD ε=3 (LoRA)", "dp_sgd", "configs/frontier/dp_sgd_eps3.yaml", epsilon=3.0),
         Row("dp_sgd_eps8", "DP-SGD ε=8 (LoRA)", "dp_sgd", "configs/frontier/dp_sgd_eps8.yaml", epsilon=8.0),
-        Row("offsite_ot_uniform", "Offsite plug-in, OT uniform drop", "offsite", needs=_OFFSITE_HOOK),
-        Row("offsite_scaleot", "Offsite plug-in, ScaleOT", "offsite", needs=_OFFSITE_HOOK),
-        Row("offsite_gradot", "Offsite plug-in, GradOT", "offsite", needs=_OFFSITE_HOOK),
+        # one ScaleOT run yields both rows: OT's 2-13-2 uniform drop is tuned beside it on the same split
+        Row(
+            "offsite_ot_uniform", "Offsite plug-in, OT uniform drop", "offsite", "configs/frontier/offsite_scaleot.yaml"
+        ),
+        Row("offsite_scaleot", "Offsite plug-in, ScaleOT", "offsite", "configs/frontier/offsite_scaleot.yaml"),
+        Row("offsite_gradot", "Offsite plug-in, GradOT", "offsite", "configs/frontier/offsite_gradot.yaml"),
         Row("fedpeptao", "FedPepTAO (20 clients)", "federated", "configs/frontier/fedpeptao.yaml"),
         Row("fedavg", "FedAvg (20 clients)", "federated", "configs/frontier/fedavg.yaml"),
         Row(
@@ -254,6 +250,9 @@ def summarise(out: Path, root: Path | None = None) -> dict[str, Any]:
             if runs[0]["accuracy"].get("personalised") is not None:  # federated rows with personal layers
                 entry["personalised_accuracy"] = _mean_std(r["accuracy"]["personalised"] for r in runs)
             entry["steps"] = runs[0].get("steps")
+            gaps = [(r.get("extraction") or {}).get("gap_points") for r in runs]
+            if any(g is not None for g in gaps):  # offsite rows whose emulator is shipped: plug-in − extraction
+                entry["extraction_gap_points"] = _mean_std(gaps)
             eps = [r["dp"]["epsilon"] for r in runs if r.get("dp")]
             if eps:
                 entry["epsilon"] = _mean_std(eps)
@@ -321,8 +320,8 @@ def markdown(summary: Mapping[str, Any], provenance: Mapping[str, Any] | None = 
         "the bigram decipherment, from the cited file.",
         "",
         "| row | status | seeds | accuracy | best valid MIA AUC | TPR @ 1 % FPR | AUC excludes 0.5 (per seed) "
-        "| ε | token recovery | wall s | CPU s | tuned bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ε | extraction gap (pts) | token recovery | wall s | CPU s | tuned bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         eps = _pm(r["epsilon"], digits=2) if r.get("epsilon") else "–"
@@ -341,7 +340,8 @@ def markdown(summary: Mapping[str, Any], provenance: Mapping[str, Any] | None = 
             size += f"; {_bytes(r['communicated_bytes']['mean'])} sent (up + down)"
         lines.append(
             f"| {r['label']} | {r['status']} | {len(r['seeds'])} | {_pm(r.get('accuracy'))} "
-            f"| {_pm(r.get('auc'))}{attacks} | {_pm(r.get('tpr@1%'))} | {leak} | {eps} | {tok_cell} "
+            f"| {_pm(r.get('auc'))}{attacks} | {_pm(r.get('tpr@1%'))} | {leak} | {eps} "
+            f"| {_pm(r.get('extraction_gap_points'), digits=1)} | {tok_cell} "
             f"| {wall} | {cpu} | {size} |"
         )
     lines += [
@@ -349,6 +349,11 @@ def markdown(summary: Mapping[str, Any], provenance: Mapping[str, Any] | None = 
         "Federated rows: accuracy and AUC are the global model's (the personalised models' are in the row files); "
         "bytes add what the clients sent and received over the run; the ε of the client-level DP rows bounds what "
         "the global model reveals about a whole client, not about one example. "
+        "Offsite rows: accuracy and AUC are the plug-in model's (the data owner's adapters in the original model, "
+        "what the model owner deploys; full fine-tuning of the same blocks is audited beside it in the row files); "
+        "bytes: the adapters the data owner sends back and the emulator it receives; extraction gap = plug-in − "
+        "the data owner's accuracy after fine-tuning every parameter of the shipped emulator, in points (only where "
+        "an emulator is shipped: OT's uniform drop holds original blocks and is never exported). "
         "Times: wall and CPU seconds of the whole run (training, audit, accuracy) on a 2-core machine shared with "
         "other jobs; each row file records the load average at its start and end. Token recovery of the search's "
         "key is the permutation-only (horizontal) key's: the vertical operators never touch the ids, so for the id "
