@@ -260,6 +260,25 @@ def test_offsite_row_configs_carry_the_regime():
     )
 
 
+@pytest.mark.assets
+@pytest.mark.parametrize("seed", [0, 2])
+def test_offsite_members_and_nonmembers_are_the_central_rows(seed):
+    from privtune.datamodules import BBCNews
+    from privtune.recipes.offsite import PipelineSettings, make_datamodule
+
+    central = yaml.safe_load((REPO / ROWS["lora"].config).read_text())["data"]["init_args"] | {"seed": seed}
+    owner = _pipeline_args(yaml.safe_load((REPO / ROWS["offsite_gradot"].config).read_text())) | {"seed": seed}
+    pipeline, lora = (
+        make_datamodule(PipelineSettings(**owner), "tiny-llama"),
+        BBCNews(**central, tokenizer="tiny-llama"),
+    )
+    for dm in (pipeline, lora):
+        dm.setup("fit")
+    for split in ("train", "val", "test"):
+        assert pipeline.splits[split].texts == lora.splits[split].texts, split
+        assert list(pipeline.splits[split].labels) == list(lora.splits[split].labels), split
+
+
 def _tiny_offsite(path: Path) -> str:
     """configs/frontier/offsite_scaleot.yaml shrunk to a tiny random Llama and a handful of BBC News examples."""
     cfg = yaml.safe_load((REPO / ROWS["offsite_scaleot"].config).read_text())
