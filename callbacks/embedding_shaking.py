@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -34,11 +35,13 @@ from typing_extensions import override
 
 from privtune import __version__
 from privtune.contracts import ShakeableModel, ShakingKeyUser
-from privtune.models.blocks import unwrap
+from privtune.models.blocks import get_lm_head, unwrap
 from privtune.shaking import KeySetting, ShakeKey, find_embedding, recover_model, shake_model, shaking_state
 from privtune.shaking.batches import AUTO, BatchIds, UnreadableBatchError
 from privtune.shaking.embedding import (
+    STATE_ATTR,
     head_is_vertical,
+    is_tied,
     permute_rows,
     recover_embedding,
     recover_head,
@@ -477,6 +480,45 @@ class EmbeddingShaking(Callback):
         self.shake_batch(batch, "predict")
 
     # ------------------------------------------------------------------ recovery
+    @contextmanager
+    def recovered_view(self, pl_module: pl.LightningModule) -> Iterator[None]:
+        """Inside the block, the model as the data owner holds it after ``recovery='horizontal'``; shaken again after.
+
+        CypherTalk's horizontal recovery (Chen et al., arXiv 2403.07283) un-permutes the shaken rows: the recovered
+        model reads plain ids with the plain tokenizer and gives the shaken model's logits on the shaken ids. Here it
+        is applied in place for the length of the block (the label words go back to their plain ids too) and undone
+        on exit by permuting the same rows back: an index gather both ways, so the shaken model is restored bit for
+        bit. :class:`~privtune.callbacks.MembershipAudit` scores its reference here at fit start: the untuned model
+        as it would be released after the run's recovery, the plain-space model the attacker queries.
+
+        Raises:
+            ValueError: if ``recovery`` is not ``horizontal`` (``none`` releases a shaken model, and ``full`` is not
+                exact on the live tables) or the model is not shaken now.
+        """
+        if self.recovery != "horizontal":
+            raise ValueError(
+                f"EmbeddingShaking.recovered_view needs `recovery='horizontal'` (got {self.recovery!r}): only the "
+                f"horizontal recovery is exact and can be undone in place. See {DOCS}."
+            )
+        if not self.active:
+            raise ValueError("EmbeddingShaking.recovered_view: the model is not shaken now; there is nothing to view.")
+        model = self._model
+        recover_model(model, self.key, "horizontal")
+        self._sync_label_ids(pl_module)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                emb = find_embedding(model)
+                emb.weight.copy_(permute_rows(emb.weight, self.key))
+                head = get_lm_head(model)
+                if head is not None and not is_tied(model):
+                    head.weight.copy_(permute_rows(head.weight, self.key))
+                    if getattr(head, "bias", None) is not None:
+                        head.bias.copy_(permute_rows(head.bias, self.key))
+            setattr(unwrap(model).config, STATE_ATTR, "shaken")
+            self._sync_label_ids(pl_module)
+
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.recovery != "none" and self.active:

@@ -12,6 +12,17 @@ model as it enters training: the untuned base model, the reference of the calibr
 intervals, and the negative control on the non-members' two halves) next to the run's logs, the directory
 ``TuningReport`` writes to. The positive control needs a deliberately overfit model and is run by
 ``benchmarks/membership_controls.py``; this callback reports each attack's negative control.
+
+With :class:`~privtune.callbacks.embedding_shaking.EmbeddingShaking` (CypherTalk, Chen et al., arXiv 2403.07283)
+in the same run, the model attacked is the one the data owner ends with: the tuned model after the run's
+``recovery='horizontal'``, which reads plain ids with the plain tokenizer. That is the model the client uses and
+may release, and the attacker of this threat model queries it with candidate examples in plain text; the shaken
+model the cloud holds is attacked by :mod:`privtune.attacks` (token recovery), not here. The reference must live
+in the same plain space, so the reference pass runs on the untuned model seen through the same recovery
+(:class:`RecoveredView`, ``EmbeddingShaking.recovered_view``: exact, in place, undone after the pass); for a model
+that enters the run plain and a key without vertical steps this is the untouched base model. The contract is
+checked at setup; what it cannot serve is refused before any work: a run that releases the model shaken
+(``recovery='none'``) and a reference with ``recovery='full'`` (not exact in place; use ``reference=False``).
 """
 
 from __future__ import annotations
@@ -19,8 +30,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
@@ -53,6 +65,21 @@ def _model(pl_module: pl.LightningModule, model_attr: str) -> nn.Module:
     )
 
 
+@runtime_checkable
+class RecoveredView(Protocol):
+    """A callback that keeps the model in another token space during training and can show the recovered one.
+
+    ``recovery`` names what the run applies at the end (``none``, ``horizontal`` or ``full``);
+    ``recovered_view(pl_module)`` is a context manager inside which the model (and the module's label words) is as
+    the data owner will hold it after that recovery, restored exactly on exit. Implemented by
+    :class:`~privtune.callbacks.embedding_shaking.EmbeddingShaking` (``horizontal`` only).
+    """
+
+    recovery: str
+
+    def recovered_view(self, pl_module: pl.LightningModule) -> AbstractContextManager[None]: ...  # noqa: D102
+
+
 class MembershipAudit(pl.Callback):
     """Membership inference against the tuned model at fit end (loss, reference, min-k %, zlib attacks).
 
@@ -65,7 +92,7 @@ class MembershipAudit(pl.Callback):
         task: ``auto`` (``label_word`` when batches carry one class index per example, else ``causal_lm``),
             ``causal_lm`` or ``label_word``.
         reference: score the examples with the model as it enters training (the untuned base) for the
-            calibrated attack.
+            calibrated attack; under EmbeddingShaking, that model seen through the run's horizontal recovery.
         model_attr: attribute of the LightningModule that holds the model.
         output_dir: where ``membership_report.json`` / ``.md`` go; defaults to the trainer's log dir (or
             ``default_root_dir``).
@@ -75,7 +102,9 @@ class MembershipAudit(pl.Callback):
 
     Raises:
         ValueError: for a split other than ``test``/``val``, ``max_examples < 2``, ``draws < 1000``, ``k`` outside
-            ``(0, 1]`` or an unknown ``task``; at setup (``ContractError``) when the model or the data is missing.
+            ``(0, 1]`` or an unknown ``task``; at setup (``ContractError``) when the model or the data is missing,
+            or when a shaking callback's recovery cannot give the plain-space model (``recovery='full'`` with
+            ``reference``, several shaking callbacks); at fit start, before training, with ``recovery='none'``.
     """
 
     #: In a federated run the datamodule's training set is the round loop's ticks, not the clients' examples.
@@ -132,6 +161,7 @@ class MembershipAudit(pl.Callback):
         self._given = (member_dataloader, nonmember_dataloader)
         self._loaders: tuple[DataLoader, DataLoader] | None = None
         self._reference_stats: dict[str, ExampleStatistics] = {}
+        self._view: RecoveredView | None = None
         self.report: dict[str, Any] | None = None
 
     @property
@@ -149,6 +179,7 @@ class MembershipAudit(pl.Callback):
         if stage != "fit":
             return
         _model(pl_module, self.model_attr)
+        self._view = self._recovered_view(trainer)
         if self._given[0] is not None:
             return
         dm = getattr(trainer, "datamodule", None)
@@ -161,6 +192,24 @@ class MembershipAudit(pl.Callback):
                 f"HINT: pass `datamodule=` to `fit`, set `nonmember_split`, or give `member_dataloader` and "
                 f"`nonmember_dataloader` (see {DOCS})."
             )
+
+    def _recovered_view(self, trainer: pl.Trainer) -> RecoveredView | None:
+        """The run's shaking callback (the :class:`RecoveredView` contract), checked against this audit's needs."""
+        views = [cb for cb in trainer.callbacks if isinstance(cb, RecoveredView)]
+        if len(views) > 1:
+            raise ContractError(
+                f"MembershipAudit: {len(views)} callbacks keep the model in another token space "
+                f"({', '.join(type(v).__name__ for v in views)}); the plain-space model is ambiguous. Use one."
+            )
+        view = views[0] if views else None
+        if view is not None and view.recovery == "full" and self.reference:
+            raise ContractError(
+                f"MembershipAudit: `reference=True` with {type(view).__name__}(recovery='full'): the reference would "
+                "be the untuned model after full recovery, which cannot be shown exactly in place. HINT: use "
+                "`recovery='horizontal'` (the data owner's model reads plain ids, exactly), or `reference=False` "
+                f"(no calibrated attack; see {DOCS})."
+            )
+        return view
 
     def _sample_loaders(self, trainer: pl.Trainer) -> tuple[DataLoader, DataLoader]:
         if self._given[0] is not None:
@@ -235,15 +284,27 @@ class MembershipAudit(pl.Callback):
             )
 
     # ------------------------------------------------------------------ hooks
+    def _plain_space(self, pl_module: pl.LightningModule) -> AbstractContextManager[None]:
+        """The model in plain space: through the shaking callback's recovered view while it is shaken."""
+        from privtune.shaking import shaking_state
+
+        model = _model(pl_module, self.model_attr)
+        if self._view is not None and self._view.recovery != "none" and shaking_state(model) == "shaken":
+            return self._view.recovered_view(pl_module)
+        self._check_plain(pl_module)
+        return nullcontext()
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._loaders = self._sample_loaders(trainer)
+        if self._view is not None and self._view.recovery == "none":
+            self._check_plain(pl_module)  # one error before any step, not after training
         if self.reference and not self._reference_stats:  # a resumed run keeps the first start's reference
-            self._check_plain(pl_module)
-            self._reference_stats = {
-                "member": self._statistics(pl_module, self._loaders[0]),
-                "nonmember": self._statistics(pl_module, self._loaders[1]),
-            }
+            with self._plain_space(pl_module):
+                self._reference_stats = {
+                    "member": self._statistics(pl_module, self._loaders[0]),
+                    "nonmember": self._statistics(pl_module, self._loaders[1]),
+                }
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -264,7 +325,7 @@ class MembershipAudit(pl.Callback):
             meta={
                 "task": self._resolve_task(self._loaders[0]),
                 "nonmember_split": self.nonmember_split,
-                "reference": "model at fit start" if self.reference else None,
+                "reference": self._reference_meta(),
                 "steps": trainer.global_step,
                 "k": self.k,
             },
@@ -281,6 +342,13 @@ class MembershipAudit(pl.Callback):
             text = "Membership inference (members vs held-out non-members, 95% bootstrap intervals)\n\n"
             (out / "membership_report.md").write_text(text + report.markdown() + "\n")
             rank_zero_info(f"\n{report.markdown()}\nMembership report written to {out}/membership_report.json")
+
+    def _reference_meta(self) -> str | None:
+        if not self.reference:
+            return None
+        if self._view is None:
+            return "model at fit start"
+        return f"model at fit start, seen through {type(self._view).__name__}'s recovery ({self._view.recovery})"
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -70,12 +70,20 @@ def _row_file(out: Path, name: str, seed: int, acc: float, auc: float, eps: floa
     path.write_text(json.dumps(data))
 
 
-def test_bad_rows_rejected_with_one_error_before_any_work(tmp_path):
+def _blocked(monkeypatch) -> None:
+    """A row still waiting for a hook (every row of the frontier runs now)."""
+    row = frontier.Row("blocked_x", "Blocked row", "shaking", needs="a hook named here")
+    monkeypatch.setitem(frontier.ROWS, row.name, row)
+
+
+def test_bad_rows_rejected_with_one_error_before_any_work(tmp_path, monkeypatch):
+    _blocked(monkeypatch)
     with pytest.raises(ValueError, match="unknown row") as err:
-        check_rows(["lora", "nope", "lorra", "shaking_hv", "fedavg"])
+        check_rows(["lora", "nope", "lorra", "blocked_x", "shaking_hv", "fedavg"])
     message = str(err.value)
     assert "nope" in message and "lorra" in message  # every bad name at once
-    assert "`shaking_hv` needs" in message and "EmbeddingShaking" in message  # a blocked row names its hook
+    assert "`blocked_x` needs a hook named here" in message  # a blocked row names its hook
+    assert "`shaking_hv`" not in message  # the shaking rows run
     assert "`fedavg`" not in message  # the federated rows run
     with pytest.raises(ValueError, match="at least one row"):
         check_rows([])
@@ -103,11 +111,13 @@ def test_row_configs_share_one_regime():
         assert cfg["trainer"]["callbacks"][-1]["class_path"].endswith("MembershipAudit"), path  # seed override
         data = cfg["data"]
         regimes.add((data["class_path"], json.dumps(data["init_args"], sort_keys=True), cfg["trainer"]["max_epochs"]))
-        assert cfg["model"]["init_args"]["model"] == "smollm2-135m-instruct"
+        model = cfg["model"]["init_args"]["model"]  # shaking rows: SmolLM2 implanted under the key
+        assert model == "smollm2-135m-instruct" or path.name.startswith("shaking_"), path
     assert len(regimes) == 1  # same data, split sizes, members and epochs for every row
 
 
-def test_summary_table_and_plot_from_row_files(tmp_path):
+def test_summary_table_and_plot_from_row_files(tmp_path, monkeypatch):
+    _blocked(monkeypatch)
     for seed, (acc, auc) in enumerate([(0.9, 0.70), (0.92, 0.74), (0.88, 0.72)]):
         _row_file(tmp_path, "full_ft", seed, acc, auc)
     _row_file(tmp_path, "lora", 0, 0.85, 0.60)
@@ -127,17 +137,15 @@ def test_summary_table_and_plot_from_row_files(tmp_path):
     assert rows["lora"]["status"] == "partial: 1 of 3 seeds"
     assert rows["zero_shot"]["status"] == "not yet run"
     assert rows["fedavg"]["status"] == "not yet run" and "needs" not in rows["fedavg"]
-    assert (
-        rows["shaking_hv"]["status"] == "not yet run: needs a hook"
-        and "EmbeddingShaking" in rows["shaking_hv"]["needs"]
-    )
+    assert rows["shaking_hv"]["status"] == "not yet run" and "needs" not in rows["shaking_hv"]
+    assert rows["blocked_x"]["status"] == "not yet run: needs a hook" and rows["blocked_x"]["needs"]
     assert rows["dp_sgd_eps3"]["epsilon"]["mean"] == 3
     assert rows["shaking_hv"]["token_recovery"]["file"] == "benchmarks/results/decipher_shaking/rows/bbc_same_hv.json"
     assert summary["goal"] == {"decided": False, "why": "no privtune method without formal DP has run yet"}
     text = paths[1].read_text()
     assert "| Full fine-tuning, non-private | done | 3 | 0.900 ± 0.020 | 0.720 ± 0.020 (loss)" in text
     assert "Fewer than 3 seeds" in text and "LoRA (r=8), non-private" in text
-    assert "Shaking, hv key (`shaking_hv`): (1) a BBC News config" in text  # a row still blocked names its hook
+    assert "- Blocked row (`blocked_x`): a hook named here." in text  # a row still blocked names its hook
     assert "`offsite_scaleot`" not in text  # the offsite rows run
 
 

@@ -61,13 +61,6 @@ class Row:
         return self.config is not None
 
 
-_SHAKING_HOOK = (
-    "(1) a BBC News config per key with EmbeddingShaking(recovery='horizontal') on the implanted shaken model both "
-    "keys were chosen for (configs/shaking/smollm2_implant.yaml writes runs/shaking/implanted, which is not in the "
-    "repository); (2) MembershipAudit's reference pass at fit start is refused once EmbeddingShaking has shaken the "
-    "model in setup, so the audit must take its reference before the shake (or the row runs with reference: false)"
-)
-
 ROWS: dict[str, Row] = {
     row.name: row
     for row in (
@@ -101,10 +94,16 @@ ROWS: dict[str, Row] = {
             "shaking_search_key",
             "Shaking, the search's key",
             "shaking",
-            needs=_SHAKING_HOOK,
+            "configs/frontier/shaking_search_key.yaml",
             decipher=f"{DECIPHER}/bbc_same_horizontal.json",
         ),
-        Row("shaking_hv", "Shaking, hv key", "shaking", needs=_SHAKING_HOOK, decipher=f"{DECIPHER}/bbc_same_hv.json"),
+        Row(
+            "shaking_hv",
+            "Shaking, hv key",
+            "shaking",
+            "configs/frontier/shaking_hv.yaml",
+            decipher=f"{DECIPHER}/bbc_same_hv.json",
+        ),
     )
 }
 
