@@ -71,7 +71,8 @@ class RecoveredView(Protocol):
 
     ``recovery`` names what the run applies at the end (``none``, ``horizontal`` or ``full``);
     ``recovered_view(pl_module)`` is a context manager inside which the model (and the module's label words) is as
-    the data owner will hold it after that recovery, restored exactly on exit. Implemented by
+    the data owner will hold it after that recovery, restored exactly on exit. An optional ``shake_batches``
+    attribute that is ``False`` says the datamodule's batches arrive already shaken. Implemented by
     :class:`~privtune.callbacks.embedding_shaking.EmbeddingShaking` (``horizontal`` only).
     """
 
@@ -103,8 +104,9 @@ class MembershipAudit(pl.Callback):
     Raises:
         ValueError: for a split other than ``test``/``val``, ``max_examples < 2``, ``draws < 1000``, ``k`` outside
             ``(0, 1]`` or an unknown ``task``; at setup (``ContractError``) when the model or the data is missing,
-            or when a shaking callback's recovery cannot give the plain-space model (``recovery='full'`` with
-            ``reference``, several shaking callbacks); at fit start, before training, with ``recovery='none'``.
+            or when a shaking callback cannot give the plain-space model (``recovery='full'`` with ``reference``,
+            batches that arrive shaken, several shaking callbacks); at fit start, before training, with
+            ``recovery='none'``.
     """
 
     #: In a federated run the datamodule's training set is the round loop's ticks, not the clients' examples.
@@ -202,6 +204,13 @@ class MembershipAudit(pl.Callback):
                 f"({', '.join(type(v).__name__ for v in views)}); the plain-space model is ambiguous. Use one."
             )
         view = views[0] if views else None
+        if view is not None and getattr(view, "shake_batches", True) is False and self._given[0] is None:
+            raise ContractError(
+                f"MembershipAudit: {type(view).__name__}(shake_batches=False) means the batches arrive already shaken "
+                "(e.g. ShakenTokenizer), so the audit's members and non-members would be shaken ids, not the plain "
+                "text the attacker holds. HINT: give plain-id loaders as `member_dataloader` and "
+                f"`nonmember_dataloader` (see {DOCS})."
+            )
         if view is not None and view.recovery == "full" and self.reference:
             raise ContractError(
                 f"MembershipAudit: `reference=True` with {type(view).__name__}(recovery='full'): the reference would "

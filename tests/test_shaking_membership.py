@@ -140,6 +140,13 @@ def test_unservable_combinations_are_refused_before_training(tiny_trainer, csv_f
         trainer.fit(module, datamodule=_data(csv_file))
     assert trainer.global_step == 0
 
+    module = _module()
+    shaken_data = EmbeddingShaking(str(tmp_path / "k3.json"), chain_length=0, shake_batches=False)
+    trainer = tiny_trainer(max_steps=2, limit_val_batches=0, callbacks=[shaken_data, MembershipAudit(max_examples=8)])
+    with pytest.raises(ContractError, match="already shaken"):
+        trainer.fit(module, datamodule=_data(csv_file))
+    assert trainer.global_step == 0
+
 
 # ---------------------------------------------------------------------------------------------- frontier rows
 
