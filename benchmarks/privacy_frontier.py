@@ -12,6 +12,9 @@ bytes the clients sent and received. An offsite row (:func:`run_offsite`) runs t
 emulator export and OffsitePipeline with the seed's settings written into a copy of its config, and reads the
 plug-in model's accuracy and audit, full fine-tuning's audit beside it, the extraction gap and the bytes from the
 pipeline's ``offsite_report.json``; one ScaleOT run writes both ``offsite_scaleot`` and ``offsite_ot_uniform``.
+A shaking row (:func:`run_shaking`) first makes the implanted shaken model its config names when the folder is
+missing (:func:`ensure_implanted`: ``configs/shaking/smollm2_implant.yaml`` with the row's key; its time lands under
+``implant``), then runs as a central row, the audit attacking the horizontally recovered model.
 ``RUNNERS`` maps each row family to its runner. A row file that exists is
 reused, so the frontier runs in pieces (``--commit`` commits each file as it lands). Then ``frontier.json`` /
 ``.md`` / ``.png`` are regenerated from whatever row files exist (``--summarise-only`` does only that).
