@@ -25,6 +25,10 @@ Arms (``--arms``):
   :func:`privtune.emulator.importance.rewards`): the published reward ``exp(-L_j) - mean exp(-L_c)`` is about 0.0025
   times the loss gaps at SmolLM2's loss on the owner's corpus, so its scores stay at noise
   (``benchmarks/results/offsite_loo_importance``); everything else as (d).
+* ``h``: ScaleOT (d) with measured importance (``EmulatorExport.importance: measured``,
+  :func:`privtune.emulator.measured_importance.measured_importance`): the replaced half is the 13 blocks whose
+  trained harmonizer, put alone in their place, raises the owner's LM loss least on 4 held-out batches; a block
+  whose harmonizer is harmful is kept. Everything else as (d).
 * ``d300``, ``d1000``: ScaleOT (d) with 300 / 1000 stage-1 steps instead of 100 (owner-budget scaling; with (a)).
 * ``akd100``, ``akd300``, ``akd1000``: OT 2-13-2 distilled with OT's KD objective for 100 / 300 / 1000 steps on the
   owner's corpus (``configs/offsite_tuning/ot_distill_smollm2.yaml``'s model), then the same pipeline.
@@ -60,7 +64,7 @@ TASKS = {
     "bbc_news": ("tweets", 96),
     "tweets": ("bbc_news", 64),
 }
-ARMS = ("a_d", "b", "c", "e", "f", "g", "d300", "d1000", "akd100", "akd300", "akd1000")
+ARMS = ("a_d", "b", "c", "e", "f", "g", "h", "d300", "d1000", "akd100", "akd300", "akd1000")
 EMULATOR_LAYERS = 13  # OT 2-13-2: about the ScaleOT emulator's 0.66 of the parameters (α = 0.5 of 26: 13 replaced)
 
 
@@ -96,6 +100,8 @@ def row_config(base: dict[str, Any], arm: str, task: str, seed: int, root: Path)
         config["model"]["init_args"]["lr"] = 1e-12
     elif arm == "g":
         replace["reward"] = "relative"
+    elif arm == "h":
+        export["importance"] = "measured"
     elif arm in ("d300", "d1000"):
         config["trainer"]["max_steps"] = int(arm[1:])
     elif arm.startswith("akd"):

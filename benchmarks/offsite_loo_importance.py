@@ -39,7 +39,8 @@ import privtune.datamodules  # noqa: F401
 import privtune.modules  # noqa: F401
 from privtune.callbacks.offsite_pipeline import OffsitePipeline
 from privtune.callbacks.offsite_tuning import EmulatorExport
-from privtune.emulator import install_switches, lm_loss, make_harmonizers, remove_switches, set_replace_mask
+from privtune.emulator import install_switches, make_harmonizers, remove_switches, set_replace_mask
+from privtune.emulator.measured_importance import corpus_loss
 from privtune.eval.provenance import run_provenance
 from privtune.models import get_blocks, load_model
 
@@ -69,17 +70,6 @@ def run_stage1(config: str, work: Path) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     torch.save(state, saved)
     return state
-
-
-@torch.no_grad()
-def corpus_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Token-weighted mean LM loss of ``model`` over ``batches``."""
-    total, tokens = 0.0, 0
-    for batch in batches:
-        n = int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else int(batch["input_ids"][:, 1:].numel())
-        total += float(lm_loss(model, batch)) * n
-        tokens += n
-    return total / tokens
 
 
 def loss_with_block_replaced(

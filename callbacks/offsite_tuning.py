@@ -53,6 +53,7 @@ from privtune.emulator import (
 from privtune.emulator.artifact import artifact_summary, leak_check_path
 from privtune.emulator.build import compression_problems
 from privtune.emulator.leak_check import DEFAULT_MIN_REL_ERROR
+from privtune.emulator.measured_importance import measured_importance
 from privtune.models import num_blocks
 
 DOCS = "docs/offsite_tuning.md"
@@ -85,6 +86,14 @@ class EmulatorExport(pl.Callback):
             by the stage-1 scores) or ``uniform`` (the blocks Offsite-Tuning's uniform drop drops, evenly spaced:
             the kept blocks are exactly OT's ``l-k-r`` ones; ablation (b) "uniform drop + harmonizers" of
             docs/offsite_tuning.md). Same count, so the same size; the harmonizers are stage 1's either way.
+        importance: which scores choose the replaced blocks (``replaced: importance``): ``rl`` (ScaleOT's
+            stage-1 REINFORCE scores) or ``measured`` (at fit end, the owner's LM loss rise when each candidate block
+            alone runs its trained harmonizer, on ``importance_batches`` held-out batches of the fit's datamodule:
+            :func:`~privtune.emulator.measured_importance.measured_importance`; docs/offsite_tuning.md
+            "Diagnosis"). The measured scores replace the module's ``layer_importance``, so every emulator built
+            from this stage 1 afterwards (the pipeline's α sweep) uses them too.
+        importance_batches: held-out batches ``measured`` reads (the datamodule's ``val_dataloader``, else
+            ``train_dataloader``).
         beta: ScaleOT kept rank fraction of the kept layers' attention matrices, ``(0, 1]``.
         beta_mlp: kept rank fraction of their MLP matrices, ``(0, 1]``; below 1 so that no original matrix
             is shipped (privtune's artifact rule; ScaleOT itself leaves the FFN as it is).
@@ -128,6 +137,8 @@ class EmulatorExport(pl.Callback):
         adapter_layers: int = 4,
         alpha: float = 0.5,
         replaced: Literal["importance", "uniform"] = "importance",
+        importance: Literal["rl", "measured"] = "rl",
+        importance_batches: int = 4,
         beta: float = 0.8,
         beta_mlp: float = 0.9,
         distill_steps: int = 0,
@@ -154,11 +165,17 @@ class EmulatorExport(pl.Callback):
             problems.append(f"`adapter_layers={adapter_layers}` must be >= 0")
         if replaced not in ("importance", "uniform"):
             problems.append(f"`replaced={replaced!r}` must be 'importance' or 'uniform'")
+        if importance not in ("rl", "measured"):
+            problems.append(f"`importance={importance!r}` must be 'rl' or 'measured'")
+        if importance_batches < 1:
+            problems.append(f"`importance_batches={importance_batches}` must be >= 1")
         if problems:
             raise ValueError("EmulatorExport: " + "; ".join(problems) + ".")
         self.output_dir = output_dir
         self.adapter_layers, self.alpha, self.beta, self.beta_mlp = adapter_layers, alpha, beta, beta_mlp
         self.replaced = replaced
+        self.importance, self.importance_batches = importance, importance_batches
+        self.measured_scores: list[float] | None = None
         self.distill_steps, self.distill_lr, self.distill_norm = distill_steps, distill_lr, distill_norm
         self.model_attr, self.min_rel_error = model_attr, min_rel_error
         self.summary: dict[str, Any] = {}
@@ -178,7 +195,17 @@ class EmulatorExport(pl.Callback):
                 "`trainer.datamodule.train_dataloader()`, but the fit has no datamodule. HINT: pass one to "
                 f"`trainer.fit(..., datamodule=...)` or set `distill_steps: 0` ({DOCS})."
             )
+        if self.importance == "measured" and not callable(getattr(trainer.datamodule, "train_dataloader", None)):
+            raise ContractError(
+                "EmulatorExport: `importance: measured` reads held-out batches from the fit's datamodule, but the "
+                f"fit has none. HINT: pass one to `trainer.fit(..., datamodule=...)` or use `importance: rl` ({DOCS})."
+            )
         if not missing_members(pl_module, EmulatorModule):
+            if self.importance == "measured":
+                raise ValueError(
+                    f"EmulatorExport: `importance: measured` scores ScaleOT's harmonizers, but "
+                    f"{type(pl_module).__name__} builds its own emulator. HINT: use `importance: rl` ({DOCS})."
+                )
             if getattr(pl_module, "method", None) == "uniform_drop" and trainer.max_steps == 0:
                 raise ValueError(
                     "EmulatorExport: an undistilled uniform-drop emulator (`trainer.max_steps=0`) ships original "
@@ -279,10 +306,37 @@ class EmulatorExport(pl.Callback):
             f"{self.distill_kd[0]:.3f} -> {self.distill_kd[1]:.3f}."
         )
 
+    def measure_importance(self, datamodule: Any, pl_module: pl.LightningModule) -> None:
+        """``importance: measured``: score each candidate block by the loss rise its harmonizer alone causes on
+        ``importance_batches`` held-out batches, and make those the module's ``layer_importance``."""
+        getter = getattr(datamodule, "val_dataloader", None)
+        loader = getter() if callable(getter) else None
+        if not loader:
+            loader = datamodule.train_dataloader()
+        model = getattr(pl_module, self.model_attr)
+        device = next(model.parameters()).device
+        batches = []
+        for batch in loader:
+            if len(batches) == self.importance_batches:
+                break
+            batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        scores = measured_importance(model, pl_module.harmonizers, batches)
+        pl_module.layer_importance = scores.to(pl_module.layer_importance.device)
+        self.measured_scores = scores.tolist()
+        order = sorted(zip(self.measured_scores, sorted(int(k) for k in pl_module.harmonizers)))
+        rank_zero_info(
+            f"EmulatorExport: measured importance on {len(batches)} held-out batches (loss rise, lowest first): "
+            + ", ".join(f"{i}:{v:+.3f}" for v, i in order)
+        )
+
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
+        if self.importance == "measured" and missing_members(pl_module, EmulatorModule):
+            self.measure_importance(trainer.datamodule, pl_module)
         emulator, plan, original = self.build(pl_module)
+        if self.measured_scores is not None:
+            plan.info |= {"importance": "measured", "measured_importance": self.measured_scores}
         self.distill(trainer.datamodule.train_dataloader(), emulator, plan, original)
         if trainer.is_global_zero:
             save_emulator_artifact(self.output_dir, emulator.cpu(), plan, original.cpu(), self.min_rel_error)

@@ -263,3 +263,16 @@ def test_g_row_is_scaleot_with_the_relative_reward_and_parses(tmp_path) -> None:
     cli = _ParseOnlyCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(path)])
     replace = next(cb for cb in cli.config.trainer.callbacks if cb.class_path.endswith("LayerReplace"))
     assert replace.init_args.reward == "relative"
+
+
+def test_h_row_is_scaleot_with_measured_importance_and_parses(tmp_path) -> None:
+    ablation = _ablation()
+    base = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    row = ablation.row_config(base, "h", "bbc_news", 0, tmp_path)
+    assert ablation._callback(row, "EmulatorExport")["init_args"]["importance"] == "measured"
+    assert ablation._callback(row, "LayerReplace")["init_args"].get("reward", "exp") == "exp"
+    path = tmp_path / "h.yaml"
+    path.write_text(yaml.safe_dump(row, sort_keys=False))
+    cli = _ParseOnlyCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(path)])
+    export = next(cb for cb in cli.config.trainer.callbacks if cb.class_path.endswith("EmulatorExport"))
+    assert export.init_args.importance == "measured"
