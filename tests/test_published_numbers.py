@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: figures without a backing result file per Markdown file when the check was introduced; may only go down
 UNBACKED_CEILING: dict[str, int] = {
-    "README.md": 72,
-    "docs/dp_sgd.md": 12,
+    "README.md": 0,
+    "docs/dp_sgd.md": 0,
     "docs/federated.md": 55,
     "docs/offsite_tuning.md": 51,
     "docs/privacy_audit.md": 116,
-    "docs/shaking.md": 51,
+    "docs/shaking.md": 0,
 }
 
 #: citations of result files that are not committed, per Markdown file, when the check was introduced
