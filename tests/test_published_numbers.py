@@ -23,7 +23,7 @@ UNBACKED_CEILING: dict[str, int] = {
     "README.md": 0,
     "docs/dp_sgd.md": 0,
     "docs/federated.md": 55,
-    "docs/offsite_tuning.md": 51,
+    "docs/offsite_tuning.md": 0,
     "docs/privacy_audit.md": 116,
     "docs/shaking.md": 0,
 }
