@@ -152,8 +152,10 @@ def summarise(out: Path) -> str:
             cells = []
             for metric in ("full_zs", "ft", "emulator_zs", "emulator_ft", "plug_in", "gap"):
                 xs = [v[metric] for v in values]
-                std = statistics.stdev(xs) if len(xs) > 1 else float("nan")
-                cells.append(f"{statistics.mean(xs):.1f} ± {std:.1f}")
+                if len(xs) > 1:
+                    cells.append(f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}")
+                else:  # one seed: no spread to show
+                    cells.append(f"{xs[0]:.1f}")
             lines.append(
                 f"| {task} | {key} | {len(values)} | " + " | ".join(cells) + f" | {values[0]['params_ratio']:.3f} |"
             )
