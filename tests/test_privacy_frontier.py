@@ -345,6 +345,30 @@ def test_one_offsite_run_writes_both_rows(tmp_path, monkeypatch):
     script.run_row(ROWS["offsite_ot_uniform"], 1, out, runs, [], controls)  # written by the ScaleOT run: reused
 
 
+@pytest.mark.assets
+def test_gradot_row_runs_training_free(tmp_path, monkeypatch):
+    cfg = yaml.safe_load((REPO / ROWS["offsite_gradot"].config).read_text())
+    assert cfg["trainer"]["max_steps"] == 0  # GradOT's emulator is built from calibration batches, not trained
+    cfg["model"]["init_args"] |= {"model": "tiny-llama", "adapter_bottom": 1, "adapter_top": 1, "calib_batches": 1}
+    cfg["model"]["init_args"] |= {"rank_budget": 0.5, "channel_budget": 0.5}
+    cfg["data"]["init_args"] |= {"block_size": 32, "max_train_blocks": 8, "max_val_blocks": 4}
+    pipeline = _pipeline_args(cfg)
+    pipeline |= {"train_size": 16, "val_size": 4, "test_size": 12, "max_length": 32, "max_steps": 2, "lr": 1e-2}
+    pipeline |= {"audit_examples": 16, "audit_reference": False}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setitem(
+        ROWS, "offsite_gradot", frontier.Row("offsite_gradot", "GradOT", "offsite", str(tmp_path / "tiny.yaml"))
+    )
+    monkeypatch.setattr(sys, "argv", ["privacy_frontier.py"])
+    path = _script().run_row(ROWS["offsite_gradot"], 2, tmp_path / "out", tmp_path / "runs", [], CONTROLS)
+    data = json.loads(path.read_text())
+    assert data.keys() >= SCHEMA and data["accuracy"]["arm"] == "gradot" and data["shared_run"] == ["offsite_gradot"]
+    assert data["membership"]["meta"]["model"] == "gradot" and data["offsite"]["emulator_shipped"]
+    assert data["extraction"]["gap_points"] is not None and 0 <= data["extraction"]["accuracy"] <= 1
+    assert data["bytes"]["down"] > data["bytes"]["up"] > 0
+    assert [p.name for p in (tmp_path / "out" / "rows").iterdir()] == ["offsite_gradot_seed2.json"]
+
+
 def test_a_family_without_a_runner_is_refused_before_any_work(tmp_path):
     script = _script()
     row = frontier.Row("other_x", "Other", "other", "configs/frontier/lora.yaml")
