@@ -4,9 +4,9 @@ Each row is one method tuned in one shared regime (``configs/frontier/``); each 
 file (accuracy on the held-out split, the membership audit of :class:`~privtune.callbacks.MembershipAudit`, or for a
 federated row the run's own audit of its global model, :mod:`privtune.federated.membership`, or for an offsite
 row the pipeline's audit of the plug-in model, :mod:`privtune.recipes.offsite_membership`, with the extraction gap
-where an emulator is shipped; wall time, bytes, provenance). This module turns the row files into the frontier: ``frontier.json``, ``frontier.md``
-(mean ± std over seeds) and ``frontier.png`` (accuracy against the best valid attack's AUC, with DP-SGD's epsilon
-rows as the reference line). Torch-free: plain dicts in, JSON / Markdown / PNG out.
+where an emulator is shipped; wall time, bytes, provenance). This module turns the row files into the frontier:
+``frontier.json``, ``frontier.md`` (mean ± std over seeds) and ``frontier.png`` (accuracy against the best valid
+attack's AUC, with DP-SGD's epsilon rows as the reference line). Torch-free: plain dicts in, JSON / Markdown / PNG out.
 
 Threat model (docs/privacy_audit.md): whoever can query the released model and holds candidate examples tells
 members (the training split) from held-out non-members of the same distribution (Yeom et al. 2018; Carlini et al.
