@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -224,6 +225,28 @@ def test_fedpeptao_diagnostics_show_the_correction_growing_with_cohort_and_few_l
         state = server.step(state, _updates(t))
     assert server.diagnostics["server/correction_over_fedavg"] == pytest.approx(0.0, abs=1e-6)
     assert server.diagnostics["server/cos_step_fedavg"] == pytest.approx(1.0, abs=1e-5)
+
+
+def _run_rounds(server: FedPepTAOServer, num_steps: int, rounds: int = 8) -> None:
+    """Cohorts of 10 clients that each move the prompt by about +0.01 (with a little noise) per round."""
+    state, g = {"p": torch.zeros(4)}, torch.Generator().manual_seed(0)
+    for _ in range(rounds):
+        moved = [state["p"] + 0.01 + 0.01 * torch.randn(4, generator=g) for _ in range(10)]
+        state = server.step(state, [ClientUpdate(i, {"p": p}, 10, num_steps) for i, p in enumerate(moved)])
+
+
+def test_fedpeptao_warns_once_when_its_correction_turns_against_the_clients() -> None:
+    # few local steps, a cohort of 10 chained: the server's step opposes FedAvg's within a few rounds
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run_rounds(FedPepTAOServer(num_clients=100), num_steps=3)
+    drift = [w for w in caught if "FedPepTAOServer" in str(w.message)]
+    assert len(drift) == 1 and issubclass(drift[0].category, RuntimeWarning)
+    assert "round_start" in str(drift[0].message) and "local steps" in str(drift[0].message)
+    # many local steps, the correction taken once per round: below FedAvg's step, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run_rounds(FedPepTAOServer(num_clients=100, options=FedPepTAOOptions(momentum_mode="round_start")), 200)
 
 
 def test_fedpeptao_state_roundtrip() -> None:

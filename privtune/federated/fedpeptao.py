@@ -24,6 +24,7 @@ Threat model: the server sees the selected prompt slices of the sampled clients 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -189,6 +190,7 @@ class FedPepTAOServer(ServerOptimizer):
         self.c_clients: dict[int, State] = {}
         self.delta_prev: State | None = None
         self.diagnostics: dict[str, float] = {}
+        self._against_rounds, self._drift_warned = 0, False
 
     def bind(self, *, num_clients: int, prompt_names: Sequence[str], client_lr: float) -> None:
         if self.num_clients is not None and self.num_clients != num_clients:
@@ -282,7 +284,31 @@ class FedPepTAOServer(ServerOptimizer):
             "server/lr": eta,
             **_step_against_fedavg(w, w_bar, new_w),
         }
+        self._watch_drift([u.num_steps for u in updates])
         return new_w
+
+    def _watch_drift(self, steps: Sequence[int]) -> None:
+        """Warn once when, two rounds running, the server's correction outweighs FedAvg's step and points against it.
+
+        That is how the ``code`` preset diverges when clients take few local steps: the control-variate term
+        ``(w - w_i) / (K_i eta_l)`` grows as ``K_i`` shrinks and, chained through the cohort, is added once per
+        sampled client (``benchmarks/results/fedpeptao_drift``, docs/federated.md).
+        """
+        d = self.diagnostics
+        against = d["server/correction_over_fedavg"] > 1.0 and d["server/cos_step_fedavg"] < 0.0
+        self._against_rounds = self._against_rounds + 1 if against else 0
+        if self._against_rounds == 2 and not self._drift_warned:
+            self._drift_warned = True
+            warnings.warn(
+                f"FedPepTAOServer: for two rounds the server's correction was "
+                f"{d['server/correction_over_fedavg']:.1f}x FedAvg's step and pointed against it (cosine "
+                f"{d['server/cos_step_fedavg']:+.2f}), with {sum(steps) / len(steps):.1f} local steps per client and "
+                f"{len(steps)} clients chained through `momentum_mode={self.options.momentum_mode!r}`; the global "
+                "prompt is likely to diverge. HINT: use `options: {momentum_mode: round_start}` (or the `clean` "
+                "preset), or more local steps per round (`local_epochs`), see docs/federated.md.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {
