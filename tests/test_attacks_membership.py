@@ -230,3 +230,32 @@ def test_audit_model_matches_the_step_by_step_report():
     ]
     refs = [example_statistics(base, b) for b in (batches[:1], batches[1:])]
     assert report.to_dict()["attacks"] == membership_report(*stats, *refs, seed=3).to_dict()["attacks"]
+
+
+def test_label_word_loss_and_min_k_from_one_pass_equal_the_two_pass_computation():
+    """A decoder classifier's label-word loss and min-k % come from one forward pass on each example followed by its
+    gold label word; by value they equal the label-word scoring pass plus a separate pass on the extended rows."""
+    import torch.nn.functional as F
+
+    from privtune.attacks.membership import _append_label, _min_k_mean, _token_logprobs
+    from privtune.models.scoring import classification_logits
+
+    torch.manual_seed(0)
+    model = load_model("tiny-llama", task="causal_lm").eval()
+    ids = torch.randint(3, 200, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # right padding of different lengths
+    mask[3, 3:] = 0
+    ids = ids * mask
+    labels = torch.tensor([0, 2, 1, 2])
+    words = torch.tensor([11, 12, 13])
+    stats = example_statistics(
+        model, [{"input_ids": ids, "attention_mask": mask, "labels": labels}], task="label_word",
+        label_token_ids=words, k=0.5,
+    )  # fmt: skip
+    with torch.no_grad():
+        loss = F.cross_entropy(classification_logits(model, ids, mask, words).float(), labels, reduction="none")
+        full_ids, full_mask = _append_label(ids, mask, words[labels], 0)
+        logp, tmask = _token_logprobs(model, full_ids, full_mask)
+    np.testing.assert_allclose(stats.loss, loss.double().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.min_k, _min_k_mean(logp, tmask, 0.5).numpy(), rtol=1e-5, atol=1e-6)

@@ -304,6 +304,25 @@ def _min_k_mean(logp: Tensor, mask: Tensor, k: float) -> Tensor:
     return out
 
 
+def _label_scores_and_token_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, label_token_ids: Tensor, labels: Tensor, pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward pass of a decoder classifier on each row followed by its gold label word: the class scores
+    ``[B, C]`` (the label words' logits at the last real token, as
+    :func:`~privtune.models.scoring.label_word_logits` reads them: causal attention makes the appended token
+    invisible there) and the token log-probabilities ``[B, T]`` with their mask, the label word included."""
+    full_ids, full_mask = _append_label(input_ids, attention_mask, label_token_ids[labels], pad_id)
+    out = model(input_ids=full_ids, attention_mask=full_mask, use_cache=False)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    shift = logits.shape[1] - full_ids.shape[1]  # prompt tuning prepends virtual tokens
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    last = attention_mask.long().sum(dim=1) - 1
+    scores = logits[rows, last + shift][:, label_token_ids]
+    shifted = logits[:, shift:-1].float()
+    logp = torch.log_softmax(shifted, dim=-1).gather(-1, full_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return scores, logp, full_mask[:, 1:].bool()
+
+
 def _append_label(input_ids: Tensor, attention_mask: Tensor, label_ids: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
     """Each row followed by its gold label word (right padding kept)."""
     lengths = attention_mask.long().sum(dim=1)
@@ -341,7 +360,8 @@ def example_statistics(
         k: the fraction of lowest token log-probabilities that ``min_k`` averages (Shi et al.: 0.2).
         tokenizer: decodes each example for ``zlib`` (special tokens skipped) when ``texts`` is not given.
         texts: the examples' texts, in batch order (overrides ``tokenizer``).
-        token_stats: compute ``min_k`` (decoders only; one more forward pass for a classifier).
+        token_stats: compute ``min_k`` (decoders only; for a classifier from the same forward pass as the loss, on
+            the example followed by its gold label word).
         batch_transform: maps each batch before the forward pass (e.g. shaking the ids of a shaken model).
 
     Raises:
@@ -375,13 +395,13 @@ def example_statistics(
                     )
                 labels = labels.to(device)
                 lw = None if label_token_ids is None else label_token_ids.to(device)
-                scores = classification_logits(model, ids, mask, lw)
-                losses.append(F.cross_entropy(scores.float(), labels, reduction="none").double().cpu())
-                if token_stats and decoder and lw is not None:
+                if token_stats and decoder and lw is not None:  # both from one forward pass
                     pad = int(getattr(getattr(model, "config", None), "pad_token_id", None) or 0)
-                    full_ids, full_mask = _append_label(ids, mask, lw[labels], pad)
-                    logp, tmask = _token_logprobs(model, full_ids, full_mask)
+                    scores, logp, tmask = _label_scores_and_token_logprobs(model, ids, mask, lw, labels, pad)
                     mink.append(_min_k_mean(logp.cpu(), tmask.cpu(), k))
+                else:
+                    scores = classification_logits(model, ids, mask, lw)
+                losses.append(F.cross_entropy(scores.float(), labels, reduction="none").double().cpu())
             else:
                 logp, tmask = _token_logprobs(model, ids, mask)
                 nll = -(logp * tmask).sum(dim=1) / tmask.sum(dim=1).clamp_min(1)
