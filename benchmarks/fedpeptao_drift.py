@@ -23,6 +23,7 @@ A correction above 1 means the server's own term outweighs the clients' average.
 Usage (resumable per run; ``--commit`` commits each run's report as it lands)::
 
     python benchmarks/fedpeptao_drift.py --seeds 0 --out benchmarks/results/fedpeptao_drift --commit
+    python benchmarks/fedpeptao_drift.py --seeds 0 --summarise-only --docs docs/federated.md
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--commit", action="store_true", help="git-commit each run's report as it lands")
     parser.add_argument("--summarise-only", action="store_true", help="only rebuild summary.md from the runs")
+    parser.add_argument("--docs", nargs="*", default=[], help="Markdown files with a fedpeptao-drift block")
     args = parser.parse_args()
 
     from privtune.eval.provenance import commit_paths
@@ -185,6 +187,13 @@ def main() -> None:
                     commit_paths([str(report_path), str(config)], f"FedPepTAO drift: {variant}, seed {seed}")
     table = summarise(out, sorted(args.seeds), list(VARIANTS))
     print(table)
+    if args.docs:
+        from privtune.eval.includes import replace_block
+
+        rel = out.resolve().relative_to(ROOT).as_posix()
+        body = (out / "summary.md").read_text().split("\n", 1)[1].strip()
+        for doc in args.docs:
+            replace_block(doc, "fedpeptao-drift", body, [f"{rel}/summary.md", f"{rel}/summary.json"])
     if args.commit:
         commit_paths([str(out / "summary.json"), str(out / "summary.md")], "FedPepTAO drift: summary")
 
