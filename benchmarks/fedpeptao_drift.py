@@ -94,7 +94,7 @@ def curve_of(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def summarise(out: Path, seeds: list[int], variants: list[str]) -> str:
+def summarise(out: Path, seeds: list[int], variants: list[str], base: str = BASE) -> str:
     """A table over the seeds present of each variant; writes summary.json / summary.md."""
     from privtune.eval.provenance import run_provenance
 
@@ -141,10 +141,10 @@ def summarise(out: Path, seeds: list[int], variants: list[str]) -> str:
         )
     table = "\n".join(lines) + "\n"
     prov = run_provenance()
-    (out / "summary.json").write_text(json.dumps({"provenance": prov, "base": BASE, "rows": rows}, indent=2))
+    (out / "summary.json").write_text(json.dumps({"provenance": prov, "base": base, "rows": rows}, indent=2))
     (out / "summary.md").write_text(
         "# FedPepTAO's server step at 100 clients (MiniLM + BBC News, no DP)\n\n"
-        f"Base config `{BASE}` without client DP; mean ± std over seeds. Command: `{prov['command']}`, "
+        f"Base config `{base}` without client DP; mean ± std over seeds. Command: `{prov['command']}`, "
         f"commit {prov['commit']}, {prov['date_utc']}.\n\n" + table
     )
     return table
@@ -153,6 +153,7 @@ def summarise(out: Path, seeds: list[int], variants: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/fedpeptao_drift")
+    parser.add_argument("--base", default=BASE, help="the federated base config (100 clients by default)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--commit", action="store_true", help="git-commit each run's report as it lands")
@@ -165,7 +166,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = yaml.safe_load((ROOT / BASE).read_text())
+    base = yaml.safe_load((ROOT / args.base).read_text())
     if not args.summarise_only:
         for seed in args.seeds:
             for variant in args.variants:
@@ -185,7 +186,7 @@ def main() -> None:
                 print(f"seed {seed} {variant}: final {curve['final_global_acc']}", flush=True)
                 if args.commit:
                     commit_paths([str(report_path), str(config)], f"FedPepTAO drift: {variant}, seed {seed}")
-    table = summarise(out, sorted(args.seeds), list(VARIANTS))
+    table = summarise(out, sorted(args.seeds), list(VARIANTS), args.base)
     print(table)
     if args.docs:
         from privtune.eval.includes import replace_block

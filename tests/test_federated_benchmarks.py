@@ -108,3 +108,23 @@ def test_a_federated_run_reports_membership_inference_on_its_global_and_personal
     assert audit["n_members"] == audit["n_nonmembers"] == 16
     for name in ("global", "personalised"):
         assert 0.0 <= audit[name]["attacks"]["loss"]["auc"]["value"] <= 1.0
+
+
+@pytest.mark.slow
+def test_the_drift_benchmark_logs_the_server_step_against_fedavg(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, load_benchmark: Any
+) -> None:
+    bench = load_benchmark("fedpeptao_drift")
+    out = tmp_path / "drift"
+    argv = ["x", "--base", str(_tiny(tmp_path, num_rounds=3)), "--out", str(out), "--seeds", "0"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--variants", "code", "round_start"])
+    bench.main()
+    rows = {r["variant"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert set(rows) == {"code", "round_start"}
+    for row in rows.values():
+        curve = row["curves"][0]
+        assert curve["correction_over_fedavg"][0] is None  # round 1 is FedAvg (the code skips the server step)
+        assert all(c >= 0 for c in curve["correction_over_fedavg"][1:]) and row["mean_local_steps"] > 0
+    config = yaml.safe_load((out / "seed0" / "round_start" / "config.yaml").read_text())
+    fed = config["trainer"]["strategy"]["init_args"]["federated"]
+    assert fed["server"]["init_args"]["options"]["momentum_mode"] == "round_start" and fed["client_dp"] is None
