@@ -192,9 +192,8 @@ def main() -> None:
                     report_path.write_text(json.dumps(report, indent=2, default=str))
                     print(f"seed {seed} {method} eps={eps}: {row_of(report)}", flush=True)
                     if args.commit:
-                        commit_paths(
-                            [str(report_path), str(config)], f"Client-level DP: {method}, ε={eps}, seed {seed}"
-                        )
+                        files = [str(f) for f in sorted(run_dir.iterdir()) if f.is_file() and f.suffix != ".pt"]
+                        commit_paths(files, f"Client-level DP: {method}, ε={eps}, seed {seed}")
     table = summarise(out, args.seeds, args.base)
     print(table)
     if args.docs:

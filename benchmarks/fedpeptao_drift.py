@@ -185,7 +185,8 @@ def main() -> None:
                 curve = curve_of(report)
                 print(f"seed {seed} {variant}: final {curve['final_global_acc']}", flush=True)
                 if args.commit:
-                    commit_paths([str(report_path), str(config)], f"FedPepTAO drift: {variant}, seed {seed}")
+                    files = [str(f) for f in sorted(run_dir.iterdir()) if f.is_file() and f.suffix != ".pt"]
+                    commit_paths(files, f"FedPepTAO drift: {variant}, seed {seed}")
     table = summarise(out, sorted(args.seeds), list(VARIANTS), args.base)
     print(table)
     if args.docs:
