@@ -112,8 +112,9 @@ def summarise(out: Path, seeds: list[int], variants: list[str], base: str = BASE
             vals = [c[key] for c in curves if c.get(key) is not None]
             if not vals:
                 return "—"
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            return f"{scale * statistics.fmean(vals):.{digits}f} ± {scale * sd:.{digits}f}"
+            if len(vals) == 1:  # one seed: no spread to show
+                return f"{scale * vals[0]:.{digits}f}"
+            return f"{scale * statistics.fmean(vals):.{digits}f} ± {scale * statistics.stdev(vals):.{digits}f}"
 
         steps = [s for c in curves for s in c["mean_local_steps"] if s is not None]
         rows.append(
