@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         help="extra train.py override for every run, without the leading dashes (e.g. model.init_args.lr=5e-4)",
     )
     parser.add_argument(
-        "--docs", default=None, metavar="MARKDOWN", help="also rewrite the generated frontier block of this file"
+        "--docs", nargs="+", default=[], metavar="MARKDOWN", help="also rewrite the generated frontier block of these"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine's 2 cores)")
     parser.add_argument(
@@ -651,8 +651,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
                     commit_paths([str(p) for p in landed], f"Privacy frontier row: {row.name}, seed {seed}")
     paths = write_summary(out, run_provenance(), root=ROOT)
     log(f"frontier written: {', '.join(str(p) for p in paths)}")
-    if args.docs and update_docs(Path(args.docs), out):
-        log(f"{args.docs}: frontier block regenerated from {out}/frontier.md")
+    for doc in args.docs:
+        if update_docs(Path(doc), out):
+            log(f"{doc}: frontier block regenerated from {out}/frontier.md")
     if args.commit:
         commit_paths([str(p) for p in paths], "Privacy frontier: table and plot regenerated from the row files")
     return paths

@@ -436,6 +436,11 @@ def test_docs_block_is_generated_from_the_frontier_file(tmp_path):
     text = doc.read_text()
     assert "stale" not in text and text.startswith("intro\n") and text.endswith("after\n")
     assert "| LoRA (r=8), non-private | partial: 1 of 3 seeds | 1 | 0.850 |" in text
+    assert "![frontier](frontier.png)" in text  # the plot's path from the document's own folder
+    nested = tmp_path / "docs" / "guide.md"
+    nested.parent.mkdir()
+    nested.write_text("<!-- privacy-frontier -->\n<!-- /privacy-frontier -->\n")
+    assert frontier.update_docs(nested, tmp_path) and "![frontier](../frontier.png)" in nested.read_text()
     assert not frontier.update_docs(doc, tmp_path)  # regenerating an up-to-date block changes nothing
     doc.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):

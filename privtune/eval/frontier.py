@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -471,9 +472,10 @@ def update_docs(doc: Path, out: Path) -> bool:
     rel = out.as_posix()
     marker = f"<!-- result: {rel}/frontier.md, {rel}/rows -->\n"  # the published-figure check's citation
     body = body.replace("\n| row |", f"\n{marker}| row |", 1)
+    image = Path(os.path.relpath(out / "frontier.png", doc.parent)).as_posix()  # from the document's folder
     block = (
         f"{start}\nGenerated from `{rel}/frontier.md` by `benchmarks/privacy_frontier.py --docs` (do not edit by "
-        f"hand; the row files are in `{rel}/rows/`).\n\n{body}\n\n![frontier](../{rel}/frontier.png)\n{end}"
+        f"hand; the row files are in `{rel}/rows/`).\n\n{body}\n\n![frontier]({image})\n{end}"
     )
     new = text.split(start)[0] + block + text.split(end, 1)[1]
     if new != text:
