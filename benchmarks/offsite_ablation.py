@@ -42,6 +42,7 @@ commit, date) lands in ``--out/<task>/<arm>_seed<seed>.json``; ``--commit`` comm
 Run::
 
     HF_HUB_OFFLINE=1 nohup nice -n 5 python benchmarks/offsite_ablation.py --commit > runs/offsite_ablation.log &
+    python benchmarks/offsite_ablation.py --summarise-only --docs docs/offsite_tuning.md
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from privtune.eval.provenance import run_provenance  # noqa: E402
 
 TASKS = {
     # task: (the owner's public corpus, tokens per example) -- as in the two pipeline configs
@@ -159,6 +165,8 @@ def summarise(out: Path) -> str:
             lines.append(
                 f"| {task} | {key} | {len(values)} | " + " | ".join(cells) + f" | {values[0]['params_ratio']:.3f} |"
             )
+    prov = run_provenance()
+    lines += ["", f"Written by `{prov['command']}` at commit {prov['commit']}, {prov['date_utc']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +192,8 @@ def main() -> None:
     parser.add_argument("--work", default="runs/offsite_ablation", help="row configs, artifacts, logs")
     parser.add_argument("--out", default="benchmarks/results/offsite_ablation")
     parser.add_argument("--commit", action="store_true", help="git-commit each result file as it lands")
+    parser.add_argument("--summarise-only", action="store_true", help="only rewrite summary.md from the rows")
+    parser.add_argument("--docs", nargs="*", default=[], help="Markdown files with an offsite-ablation block")
     args = parser.parse_args()
     refused = [a for a in args.arms if a not in ARMS]
     if refused:
@@ -192,7 +202,7 @@ def main() -> None:
     base = yaml.safe_load(Path(args.config).read_text())
     work, out = Path(args.work), Path(args.out)
     # seed-major order: every arm gets its first seed on both tasks before any arm gets a second
-    for seed in args.seeds:
+    for seed in [] if args.summarise_only else args.seeds:
         for task in args.tasks:
             for arm in args.arms:
                 result = out / task / f"{arm}_seed{seed}.json"
@@ -226,6 +236,14 @@ def main() -> None:
                     commit(
                         paths, f"Offsite ablation result: {task}, arm {arm}, seed {seed} (measured on a shared machine)"
                     )
+    if args.summarise_only:
+        (out / "summary.md").write_text(summarise(out))
+    if args.docs:
+        from privtune.eval.includes import replace_block
+
+        rel = out.resolve().relative_to(ROOT).as_posix()
+        for doc in args.docs:
+            replace_block(doc, "offsite-ablation", (out / "summary.md").read_text(), [f"{rel}/summary.md", rel])
 
 
 if __name__ == "__main__":
