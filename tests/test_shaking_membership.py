@@ -231,8 +231,9 @@ def test_shaking_row_reuses_an_implanted_model_and_runs_central(tmp_path, monkey
     monkeypatch.setattr(train, "main", refuse)
     monkeypatch.setattr(sys, "argv", ["privacy_frontier.py"])
     assert script.ensure_implanted(row_config) == {"wall_seconds": 12.5, "steps": 40, "ran_here": False}
-    monkeypatch.setattr(script, "ensure_implanted", lambda path: {"ran_here": False, "path": str(path)})
-    monkeypatch.setattr(script, "run_central", lambda *args: {"accuracy": {"acc": 0.5}})
+    shaking = sys.modules[script.run_shaking.__module__]  # benchmarks/frontier_rows/shaking.py: where it looks them up
+    monkeypatch.setattr(shaking, "ensure_implanted", lambda path: {"ran_here": False, "path": str(path)})
+    monkeypatch.setattr(shaking, "run_central", lambda *args: {"accuracy": {"acc": 0.5}})
     fields = script.run_shaking(ROWS["shaking_hv"], 0, tmp_path, [], None)
     assert fields == {
         "accuracy": {"acc": 0.5},
