@@ -24,7 +24,7 @@ UNBACKED_CEILING: dict[str, int] = {
     "docs/dp_sgd.md": 0,
     "docs/federated.md": 55,
     "docs/offsite_tuning.md": 0,
-    "docs/privacy_audit.md": 116,
+    "docs/privacy_audit.md": 0,
     "docs/shaking.md": 0,
 }
 
