@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UNBACKED_CEILING: dict[str, int] = {
     "README.md": 0,
     "docs/dp_sgd.md": 0,
-    "docs/federated.md": 55,
+    "docs/federated.md": 0,
     "docs/offsite_tuning.md": 0,
     "docs/privacy_audit.md": 0,
     "docs/shaking.md": 0,
