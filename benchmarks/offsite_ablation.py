@@ -128,15 +128,24 @@ def row_config(base: dict[str, Any], arm: str, task: str, seed: int, root: Path)
     return config
 
 
+def _mean_sd(xs: list[float]) -> str:
+    """``mean ± std`` (one value: the value alone, no spread to show)."""
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+
+
 def summarise(out: Path) -> str:
     """Mean ± std per task and arm over the rows that have landed."""
     lines = [
         "Accuracy in %, mean ± std over the seeds that have landed (n). Each row a `train.py` run of the default "
-        "config with the arm's knobs; measured on a shared machine (wall times not comparable).",
+        "config with the arm's knobs; measured on a shared machine (wall times not comparable). The last column "
+        "pairs each seed's plug-in with OT uniform drop's on the same split (its `a_d` row) and averages the "
+        "differences.",
         "",
-        "| task | arm | n | full ZS | full FT | emulator ZS | emulator FT | plug-in | Δ | params ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| task | arm | n | full ZS | full FT | emulator ZS | emulator FT | plug-in | Δ | params ratio | "
+        "plug-in − OT uniform drop's, same seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ot_key = f"a_d: ot_uniform_drop_2-{EMULATOR_LAYERS}-2"
     for task in TASKS:
         rows: dict[str, list[dict[str, float]]] = {}
         for path in sorted((out / task).glob("*.json")):
@@ -152,18 +161,21 @@ def summarise(out: Path) -> str:
                         "plug_in": 100 * arm["plug_in"],
                         "gap": arm["gap"],
                         "params_ratio": arm["params_ratio"],
+                        "seed": int(path.stem.rsplit("_seed", 1)[1]),
                     }
                 )
+        ot = {v["seed"]: v["plug_in"] for v in rows.get(ot_key, [])}
         for key, values in rows.items():
             cells = []
             for metric in ("full_zs", "ft", "emulator_zs", "emulator_ft", "plug_in", "gap"):
-                xs = [v[metric] for v in values]
-                if len(xs) > 1:
-                    cells.append(f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}")
-                else:  # one seed: no spread to show
-                    cells.append(f"{xs[0]:.1f}")
+                cells.append(_mean_sd([v[metric] for v in values]))
+            # paired with OT's uniform drop on the seeds both have (the a_d rows hold it), so that arms with fewer
+            # seeds are not compared against a mean over other splits
+            diffs = [v["plug_in"] - ot[v["seed"]] for v in values if v["seed"] in ot]
+            paired = "—" if key == ot_key or not diffs else _mean_sd(diffs)
             lines.append(
-                f"| {task} | {key} | {len(values)} | " + " | ".join(cells) + f" | {values[0]['params_ratio']:.3f} |"
+                f"| {task} | {key} | {len(values)} | " + " | ".join(cells) + f" | {values[0]['params_ratio']:.3f} | "
+                f"{paired} |"
             )
     prov = run_provenance()
     lines += ["", f"Written by `{prov['command']}` at commit {prov['commit']}, {prov['date_utc']}."]
