@@ -26,7 +26,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "benchmarks"))  # the shared helper, also when loaded by path
+
+from federated_runs import run_config, write_summary  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BASE = "configs/fed_prompt/fedpeptao_client_dp.yaml"
@@ -92,8 +95,6 @@ def row_of(report: dict[str, Any]) -> dict[str, Any]:
 
 def summarise(out: Path, seeds: list[int], base: str = BASE) -> str:
     """Mean ± std over the seeds present of each (method, epsilon); writes summary.json / summary.md."""
-    from privtune.eval.provenance import run_provenance
-
     rows = []
     for method in METHODS:
         for eps in EPSILONS:
@@ -144,13 +145,10 @@ def summarise(out: Path, seeds: list[int], base: str = BASE) -> str:
             f"{spent} | {'/'.join(map(str, r['rounds']))} | {z} | {nts} | {m_star} |"
         )
     table = "\n".join(lines) + "\n"
-    prov = run_provenance()
-    (out / "summary.json").write_text(json.dumps({"provenance": prov, "base": base, "rows": rows}, indent=2))
-    (out / "summary.md").write_text(
-        "# Client-level DP (DP-FedAvg) on MiniLM + BBC News, 100 clients\n\n"
-        f"Base config `{base}`; mean ± std over seeds. Command: `{prov['command']}`, commit {prov['commit']}, "
-        f"{prov['date_utc']}.\n\n" + table
-    )
+    write_summary(
+        out, "Client-level DP (DP-FedAvg) on MiniLM + BBC News, 100 clients",
+        f"Base config `{base}`; mean ± std over seeds.", base, rows, table,
+    )  # fmt: skip
     return table
 
 
@@ -167,7 +165,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from privtune.eval.provenance import commit_paths
-    from train import main as train_main
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,18 +179,11 @@ def main() -> None:
                     report_path = run_dir / "report.json"
                     if report_path.exists():
                         continue
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    config = run_dir / "config.yaml"
-                    config.write_text(yaml.safe_dump(arm_config(base, method, eps, seed, run_dir), sort_keys=False))
-                    start = time.perf_counter()
-                    train_main(["fit", "--config", str(config)])
-                    report = json.loads(report_path.read_text())
-                    report["wall_seconds"] = time.perf_counter() - start
-                    report_path.write_text(json.dumps(report, indent=2, default=str))
+                    report = run_config(
+                        arm_config(base, method, eps, seed, run_dir), run_dir,
+                        f"Client-level DP: {method}, ε={eps}, seed {seed}" if args.commit else None,
+                    )  # fmt: skip
                     print(f"seed {seed} {method} eps={eps}: {row_of(report)}", flush=True)
-                    if args.commit:
-                        files = [str(f) for f in sorted(run_dir.iterdir()) if f.is_file() and f.suffix != ".pt"]
-                        commit_paths(files, f"Client-level DP: {method}, ε={eps}, seed {seed}")
     table = summarise(out, args.seeds, args.base)
     print(table)
     if args.docs:

@@ -34,7 +34,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "benchmarks"))  # the shared helper, also when loaded by path
+
+from federated_runs import run_config, write_summary  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BASE = "configs/fed_prompt/fedpeptao_client_dp.yaml"
@@ -96,8 +99,6 @@ def curve_of(report: dict[str, Any]) -> dict[str, Any]:
 
 def summarise(out: Path, seeds: list[int], variants: list[str], base: str = BASE) -> str:
     """A table over the seeds present of each variant; writes summary.json / summary.md."""
-    from privtune.eval.provenance import run_provenance
-
     rows = []
     for variant in variants:
         curves = [
@@ -141,13 +142,10 @@ def summarise(out: Path, seeds: list[int], variants: list[str], base: str = BASE
             f"{r['final_global_acc']} | {r['median_correction_over_fedavg']} |"
         )
     table = "\n".join(lines) + "\n"
-    prov = run_provenance()
-    (out / "summary.json").write_text(json.dumps({"provenance": prov, "base": base, "rows": rows}, indent=2))
-    (out / "summary.md").write_text(
-        "# FedPepTAO's server step at 100 clients (MiniLM + BBC News, no DP)\n\n"
-        f"Base config `{base}` without client DP; mean ± std over seeds. Command: `{prov['command']}`, "
-        f"commit {prov['commit']}, {prov['date_utc']}.\n\n" + table
-    )
+    write_summary(
+        out, "FedPepTAO's server step at 100 clients (MiniLM + BBC News, no DP)",
+        f"Base config `{base}` without client DP; mean ± std over seeds.", base, rows, table,
+    )  # fmt: skip
     return table
 
 
@@ -163,7 +161,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from privtune.eval.provenance import commit_paths
-    from train import main as train_main
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,19 +172,11 @@ def main() -> None:
                 report_path = run_dir / "report.json"
                 if report_path.exists():
                     continue
-                run_dir.mkdir(parents=True, exist_ok=True)
-                config = run_dir / "config.yaml"
-                config.write_text(yaml.safe_dump(variant_config(base, variant, seed, run_dir), sort_keys=False))
-                start = time.perf_counter()
-                train_main(["fit", "--config", str(config)])
-                report = json.loads(report_path.read_text())
-                report["wall_seconds"] = time.perf_counter() - start
-                report_path.write_text(json.dumps(report, indent=2, default=str))
-                curve = curve_of(report)
-                print(f"seed {seed} {variant}: final {curve['final_global_acc']}", flush=True)
-                if args.commit:
-                    files = [str(f) for f in sorted(run_dir.iterdir()) if f.is_file() and f.suffix != ".pt"]
-                    commit_paths(files, f"FedPepTAO drift: {variant}, seed {seed}")
+                report = run_config(
+                    variant_config(base, variant, seed, run_dir), run_dir,
+                    f"FedPepTAO drift: {variant}, seed {seed}" if args.commit else None,
+                )  # fmt: skip
+                print(f"seed {seed} {variant}: final {curve_of(report)['final_global_acc']}", flush=True)
     table = summarise(out, sorted(args.seeds), list(VARIANTS), args.base)
     print(table)
     if args.docs:
