@@ -51,6 +51,7 @@ import argparse
 import copy
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,7 +64,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from privtune.eval.provenance import run_provenance  # noqa: E402
+from privtune.eval.provenance import commit_paths, run_provenance  # noqa: E402
 
 TASKS = {
     # task: (the owner's public corpus, tokens per example) -- as in the two pipeline configs
@@ -177,22 +178,108 @@ def summarise(out: Path) -> str:
                 f"| {task} | {key} | {len(values)} | " + " | ".join(cells) + f" | {values[0]['params_ratio']:.3f} | "
                 f"{paired} |"
             )
+    lines += budget_lines(out)
     prov = run_provenance()
     lines += ["", f"Written by `{prov['command']}` at commit {prov['commit']}, {prov['date_utc']}."]
     return "\n".join(lines) + "\n"
 
 
-def commit(paths: list[str], message: str) -> None:
-    """Commit only ``paths`` (retrying while another commit holds the index lock)."""
-    for _ in range(5):
-        added = subprocess.run(["git", "add", *paths], check=False, capture_output=True)
-        done = added.returncode == 0 and (
-            subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], check=False).returncode == 0
-        )
-        if done:
-            return
-        time.sleep(2)
-    print(f"could not commit {paths}; commit them by hand", flush=True)
+# Owner-budget scaling: which row and arm holds each (series, owner steps) point. Steps are the model owner's stage-1
+# (ScaleOT) or distillation (OT + KD) steps; OT's undistilled uniform drop is the 0-step point of (a).
+BUDGET_POINTS = {
+    "(d) ScaleOT": {100: ("a_d", "scaleot"), 300: ("d300", "scaleot"), 1000: ("d1000", "scaleot")},
+    "(a) OT 2-13-2 + KD": {
+        0: ("a_d", f"ot_uniform_drop_2-{EMULATOR_LAYERS}-2"), 100: ("akd100", None), 300: ("akd300", None),
+        1000: ("akd1000", None),
+    },
+}  # fmt: skip
+STAGE1 = "stage-1 / distillation (fit)"
+
+
+def owner_budget(out: Path, task: str) -> dict[str, dict[int, list[dict[str, float]]]]:
+    """Per series and owner steps, each landed seed's plug-in (%), stage-1 wall seconds and the row's CPU seconds.
+
+    An arm of ``None`` is the row's only arm (the KD rows deliver one emulator). The CPU seconds are the whole row's
+    (``train.py``'s process, all five settings), recorded from the rows that carry them; stage 1's share is its wall
+    time in the row's ``stage_seconds``.
+    """
+    series: dict[str, dict[int, list[dict[str, float]]]] = {}
+    for label, points in BUDGET_POINTS.items():
+        for steps, (row, arm) in points.items():
+            for path in sorted((out / task).glob(f"{row}_seed*.json")):
+                report = json.loads(path.read_text())
+                name = arm if arm is not None else next(iter(report["arms"]))
+                if name not in report["arms"]:
+                    continue
+                series.setdefault(label, {}).setdefault(steps, []).append(
+                    {
+                        "seed": int(path.stem.rsplit("_seed", 1)[1]),
+                        "plug_in": 100 * report["arms"][name]["plug_in"],
+                        "stage1_seconds": float(report["stage_seconds"].get(STAGE1, 0.0)) if steps else 0.0,
+                        "cpu_seconds": float(report.get("row", {}).get("cpu_seconds", float("nan"))),
+                    }
+                )
+    return series
+
+
+def budget_lines(out: Path) -> list[str]:
+    """The owner-budget table: plug-in against the owner's steps, per task and series (points that have landed)."""
+    lines = [
+        "",
+        "Owner budget: plug-in accuracy (%) against the model owner's stage-1 / distillation steps, mean ± std over "
+        "the seeds that have landed (n); stage-1 wall seconds and the whole row's CPU seconds (where recorded), "
+        "mean. 0 steps: OT's undistilled uniform drop (the `a_d` rows).",
+        "",
+        "| task | series | owner steps | n | plug-in | stage-1 wall s | row CPU s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task in TASKS:
+        for label, points in owner_budget(out, task).items():
+            for steps, values in sorted(points.items()):
+                cpu = [v["cpu_seconds"] for v in values if v["cpu_seconds"] == v["cpu_seconds"]]
+                lines.append(
+                    f"| {task} | {label} | {steps} | {len(values)} | {_mean_sd([v['plug_in'] for v in values])} | "
+                    f"{statistics.mean(v['stage1_seconds'] for v in values):.0f} | "
+                    f"{f'{statistics.mean(cpu):.0f}' if cpu else '–'} |"
+                )
+    return lines
+
+
+def plot_owner_budget(out: Path) -> Path | None:
+    """``owner_budget.png``: plug-in against owner steps, one panel per task, mean ± std; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], TASKS):
+        for label, points in owner_budget(out, task).items():
+            steps = sorted(points)
+            means = [statistics.mean(v["plug_in"] for v in points[k]) for k in steps]
+            sds = [statistics.stdev(v["plug_in"] for v in points[k]) if len(points[k]) > 1 else 0.0 for k in steps]
+            ax.errorbar(steps, means, yerr=sds, marker="o", capsize=3, label=label)
+        ax.set_xscale("symlog", linthresh=100)
+        ax.set_xlabel("model owner's stage-1 / distillation steps")
+        ax.set_ylabel("plug-in accuracy (%)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "owner_budget.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_summary(out: Path) -> list[str]:
+    """Rewrite ``summary.md`` and ``owner_budget.png`` from the rows that have landed; the paths written."""
+    (out / "summary.md").write_text(summarise(out))
+    plot = plot_owner_budget(out)
+    return [str(out / "summary.md")] + ([str(plot)] if plot is not None else [])
 
 
 def main() -> None:
@@ -227,8 +314,11 @@ def main() -> None:
                 command = [sys.executable, "train.py", "fit", "--config", str(folder / "config.yaml")]
                 start = time.perf_counter()
                 load = os.getloadavg()
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 with (folder / "train.log").open("w") as log:
                     code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
                 if code != 0:
                     print(f"{task} {arm} seed {seed}: train.py exited {code}, see {folder / 'train.log'}", flush=True)
                     continue
@@ -236,20 +326,21 @@ def main() -> None:
                 report["row"] = {
                     "arm": arm, "task": task, "seed": seed, "config": config,
                     "train_command": " ".join(["python", *command[1:]]),
-                    "wall_seconds": round(time.perf_counter() - start, 1), "loadavg_at_start": load,
+                    "wall_seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(cpu, 1),
+                    "loadavg_at_start": load,
                     "note": "measured on a shared machine",
                 }  # fmt: skip
                 result.parent.mkdir(parents=True, exist_ok=True)
                 result.write_text(json.dumps(report, indent=2, default=str) + "\n")
-                (out / "summary.md").write_text(summarise(out))
+                written = write_summary(out)
                 print(f"{task} {arm} seed {seed}: " + json.dumps(report["arms"]), flush=True)
                 if args.commit:
-                    paths = [str(result), str(out / "summary.md")]
-                    commit(
+                    paths = [str(result), *written]
+                    commit_paths(
                         paths, f"Offsite ablation result: {task}, arm {arm}, seed {seed} (measured on a shared machine)"
                     )
     if args.summarise_only:
-        (out / "summary.md").write_text(summarise(out))
+        write_summary(out)
     if args.docs:
         from privtune.eval.includes import replace_block
 

@@ -276,3 +276,48 @@ def test_h_row_is_scaleot_with_measured_importance_and_parses(tmp_path) -> None:
     cli = _ParseOnlyCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(path)])
     export = next(cb for cb in cli.config.trainer.callbacks if cb.class_path.endswith("EmulatorExport"))
     assert export.init_args.importance == "measured"
+
+
+# --- owner-budget scaling: the summary's table and plot -----------------------------------------------------------
+
+
+def _row(arms: dict[str, float], stage1: float, cpu: float | None = None) -> dict:
+    report = {
+        "settings": {"full_zs": {"acc": 0.5}, "ft": {"acc": 0.9}},
+        "arms": {
+            name: {"emulator_zs": 0.3, "emulator_ft": 0.6, "plug_in": plug, "gap": 1.0, "params_ratio": 0.66}
+            for name, plug in arms.items()
+        },
+        "stage_seconds": {"stage-1 / distillation (fit)": stage1},
+    }
+    if cpu is not None:
+        report["row"] = {"cpu_seconds": cpu}
+    return report
+
+
+def test_owner_budget_table_pairs_each_point_with_its_row_and_arm(tmp_path) -> None:
+    ablation = _ablation()
+    ot = f"ot_uniform_drop_2-{ablation.EMULATOR_LAYERS}-2"
+    rows = {
+        "a_d_seed0": _row({"scaleot": 0.70, ot: 0.80}, 100.0),
+        "a_d_seed1": _row({"scaleot": 0.60, ot: 0.90}, 120.0),
+        "d300_seed0": _row({"scaleot": 0.75, ot: 0.80}, 300.0, cpu=900.0),
+        "akd100_seed0": _row({"uniform_drop": 0.85}, 90.0, cpu=500.0),
+    }
+    (tmp_path / "bbc_news").mkdir()
+    for name, report in rows.items():
+        (tmp_path / "bbc_news" / f"{name}.json").write_text(json.dumps(report))
+    series = ablation.owner_budget(tmp_path, "bbc_news")
+    scaleot, kd = series["(d) ScaleOT"], series["(a) OT 2-13-2 + KD"]
+    assert sorted(scaleot) == [100, 300] and sorted(kd) == [0, 100]  # only the points that landed
+    assert [v["plug_in"] for v in scaleot[100]] == pytest.approx([70.0, 60.0])
+    assert [v["plug_in"] for v in kd[0]] == pytest.approx([80.0, 90.0])  # OT undistilled = (a) at 0 steps
+    assert kd[0][0]["stage1_seconds"] == 0.0  # no owner steps spent on OT's plain drop
+    assert kd[100][0]["plug_in"] == pytest.approx(85.0) and kd[100][0]["cpu_seconds"] == 500.0
+    lines = ablation.budget_lines(tmp_path)
+    assert "| bbc_news | (d) ScaleOT | 100 | 2 | 65.0 ± 7.1 | 110 | – |" in lines
+    assert "| bbc_news | (d) ScaleOT | 300 | 1 | 75.0 | 300 | 900 |" in lines
+    written = ablation.write_summary(tmp_path)
+    assert (tmp_path / "summary.md").read_text().count("| bbc_news |") == 5 + 4  # (row, arm) pairs + budget points
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert str(tmp_path / "owner_budget.png") in written and (tmp_path / "owner_budget.png").stat().st_size > 0
