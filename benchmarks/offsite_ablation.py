@@ -143,8 +143,8 @@ def summarise(out: Path) -> str:
         "differences.",
         "",
         "| task | arm | n | full ZS | full FT | emulator ZS | emulator FT | plug-in | Δ | params ratio | "
-        "plug-in − OT uniform drop's, same seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "plug-in − OT uniform drop's, same seeds | plug-in − default ScaleOT's, same seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ot_key = f"a_d: ot_uniform_drop_2-{EMULATOR_LAYERS}-2"
     for task in TASKS:
@@ -165,18 +165,23 @@ def summarise(out: Path) -> str:
                         "seed": int(path.stem.rsplit("_seed", 1)[1]),
                     }
                 )
-        ot = {v["seed"]: v["plug_in"] for v in rows.get(ot_key, [])}
+        # paired with OT's uniform drop and with default ScaleOT on the seeds both have (the a_d rows hold both), so
+        # that arms with fewer seeds are not compared against a mean over other splits
+        baselines = [ot_key, "a_d: scaleot"]
+        by_seed = {b: {v["seed"]: v["plug_in"] for v in rows.get(b, [])} for b in baselines}
         for key, values in rows.items():
             cells = []
             for metric in ("full_zs", "ft", "emulator_zs", "emulator_ft", "plug_in", "gap"):
                 cells.append(_mean_sd([v[metric] for v in values]))
-            # paired with OT's uniform drop on the seeds both have (the a_d rows hold it), so that arms with fewer
-            # seeds are not compared against a mean over other splits
-            diffs = [v["plug_in"] - ot[v["seed"]] for v in values if v["seed"] in ot]
-            paired = "—" if key == ot_key or not diffs else _mean_sd(diffs)
+            for base in baselines:
+                diffs = [v["plug_in"] - by_seed[base][v["seed"]] for v in values if v["seed"] in by_seed[base]]
+                cells.append("—" if key in baselines or not diffs else _mean_sd(diffs))
             lines.append(
-                f"| {task} | {key} | {len(values)} | " + " | ".join(cells) + f" | {values[0]['params_ratio']:.3f} | "
-                f"{paired} |"
+                f"| {task} | {key} | {len(values)} | "
+                + " | ".join(cells[:6])
+                + f" | {values[0]['params_ratio']:.3f} | "
+                + " | ".join(cells[6:])
+                + " |"
             )
     lines += budget_lines(out)
     prov = run_provenance()
