@@ -318,6 +318,9 @@ def test_owner_budget_table_pairs_each_point_with_its_row_and_arm(tmp_path) -> N
     assert "| bbc_news | (d) ScaleOT | 100 | 2 | 65.0 ± 7.1 | 110 | – |" in lines
     assert "| bbc_news | (d) ScaleOT | 300 | 1 | 75.0 | 300 | 900 |" in lines
     written = ablation.write_summary(tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    d300 = next(line for line in summary.splitlines() if line.startswith("| bbc_news | d300: scaleot |"))
+    assert d300.endswith("| -5.0 | 5.0 |")  # paired on seed 0 with OT's (80) and default ScaleOT's (70) plug-in
     assert (tmp_path / "summary.md").read_text().count("| bbc_news |") == 5 + 4  # (row, arm) pairs + budget points
     if importlib.util.find_spec("matplotlib") is not None:
         assert str(tmp_path / "owner_budget.png") in written and (tmp_path / "owner_budget.png").stat().st_size > 0
