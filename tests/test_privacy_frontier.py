@@ -456,3 +456,27 @@ def test_published_frontier_table_is_copied_from_its_result_file():
     rows = [line for line in section.splitlines() if line.startswith("|")]
     assert rows and all(row in source for row in rows)
     assert "benchmarks/results/privacy_frontier/frontier.md" in section
+
+
+def test_total_cost_counts_each_run_and_implant_once():
+    """Two offsite rows written by one run count it once; one implanted model shared by three seeds counts once."""
+    shared = ["offsite_ot_uniform", "offsite_scaleot"]
+    implant = {"model": "runs/shaking/implanted", "cpu_seconds": 100.0}
+    files = {
+        "lora": [{"seed": s, "cpu_seconds": 10.0, "wall_seconds": 20.0} for s in (0, 1)],
+        "offsite_scaleot": [{"seed": 0, "cpu_seconds": 500.0, "wall_seconds": 600.0, "shared_run": shared}],
+        "offsite_ot_uniform": [{"seed": 0, "cpu_seconds": 500.0, "wall_seconds": 600.0, "shared_run": shared}],
+        "shaking_hv": [{"seed": s, "cpu_seconds": 30.0, "wall_seconds": 40.0, "implant": implant} for s in (0, 1, 2)],
+    }
+    cost = frontier.total_cost(files)
+    assert cost == {
+        "runs": 2 + 1 + 3,
+        "cpu_seconds": 20.0 + 500.0 + 90.0,
+        "wall_seconds": 40.0 + 600.0 + 120.0,
+        "implants": 1,
+        "implant_cpu_seconds": 100.0,
+    }
+    text = frontier.markdown(
+        {"rows": [], "seeds_expected": 3, "controls": "c", "goal": {"decided": False, "why": "x"}, "cost": cost}
+    )
+    assert "Total cost of the row files so far: 6 runs, 0.17 CPU hours" in text

@@ -269,7 +269,35 @@ def summarise(out: Path, root: Path | None = None) -> dict[str, Any]:
                 else {"file": row.decipher, "missing": True}
             )
         rows.append(entry)
-    return {"seeds_expected": SEEDS_EXPECTED, "controls": CONTROLS, "rows": rows, "goal": goal_check(rows)}
+    return {
+        "seeds_expected": SEEDS_EXPECTED,
+        "controls": CONTROLS,
+        "rows": rows,
+        "goal": goal_check(rows),
+        "cost": total_cost(files),
+    }
+
+
+def total_cost(files: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, float | int]:
+    """The CPU and wall seconds of every run behind the row files, each run counted once.
+
+    Rows written by one run (the offsite rows of one ScaleOT run, ``shared_run``) count that run once per seed; an
+    implanted shaken model (``implant``, a one-off per key, outside the rows' own seconds) counts once per model.
+    """
+    runs: dict[tuple[Any, ...], Mapping[str, Any]] = {}
+    implants: dict[str, Mapping[str, Any]] = {}
+    for name, found in files.items():
+        for r in found:
+            runs.setdefault((tuple(sorted(r.get("shared_run") or [name])), r["seed"]), r)
+            if r.get("implant"):
+                implants.setdefault(str(r["implant"].get("model")), r["implant"])
+    return {
+        "runs": len(runs),
+        "cpu_seconds": sum(float(r["cpu_seconds"]) for r in runs.values()),
+        "wall_seconds": sum(float(r["wall_seconds"]) for r in runs.values()),
+        "implants": len(implants),
+        "implant_cpu_seconds": sum(float(i.get("cpu_seconds") or 0.0) for i in implants.values()),
+    }
 
 
 def goal_check(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -360,6 +388,14 @@ def markdown(summary: Mapping[str, Any], provenance: Mapping[str, Any] | None = 
         "key is the permutation-only (horizontal) key's: the vertical operators never touch the ids, so for the id "
         "stream the two keys differ only in their random permutation.",
     ]
+    cost = summary.get("cost")
+    if cost and cost["runs"]:
+        lines += [
+            "",
+            f"Total cost of the row files so far: {cost['runs']} runs, {cost['cpu_seconds'] / 3600:.2f} CPU hours "
+            f"({cost['wall_seconds'] / 3600:.2f} wall hours), plus {cost['implants']} implanted shaken model(s), "
+            f"{cost['implant_cpu_seconds'] / 3600:.2f} CPU hours (a run writing two rows counts once).",
+        ]
     partial = [r["label"] for r in rows if r["status"].startswith("partial")]
     if partial:
         lines += [
