@@ -42,6 +42,7 @@ from privtune.models import get_blocks, unwrap
 from privtune.modules.offsite_importance import harmonizer_errors
 
 DOCS = "docs/offsite_tuning.md, 'ScaleOT stage 1'"
+STAND_INS = ("trained", "identity")
 LM_BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -83,6 +84,11 @@ class LayerReplace(pl.Callback):
             start). Skipped when resuming, since the harmonizers come from the checkpoint.
         warm_start_steps: Adam steps per warm-start batch.
         warm_start_lr: Adam learning rate of the warm start.
+        stand_ins: ``trained`` (ScaleOT: each replaced block's harmonizer is trained under Dynamic LayerReplace) or
+            ``identity`` (every harmonizer stays at its identity initialisation, i.e. a replaced block is dropped,
+            and only the importance scores are learned: the scores then rank blocks by what dropping them costs;
+            the ablation's arm c, docs/offsite_tuning.md). With ``identity`` the harmonizers are frozen, the module
+            skips its training forward (nothing to train) and ``warm_start_batches`` must be 0.
         error_every: every this many steps (and on the first), measure each harmonizer's normalised error against
             its block on the step's held-out batch (:func:`~privtune.modules.offsite_importance.harmonizer_errors`,
             one forward of the original model), log it as ``harmonizer/error_<i>`` and keep it in
@@ -110,6 +116,7 @@ class LayerReplace(pl.Callback):
         num_candidates: int = 3,
         rl_lr: float = 0.1,
         reward: Literal["exp", "relative"] = "exp",
+        stand_ins: Literal["trained", "identity"] = "trained",
         val_alpha: float = 0.5,
         seed: int = 0,
         model_attr: str = "model",
@@ -128,6 +135,13 @@ class LayerReplace(pl.Callback):
             problems.append(f"`rl_lr={rl_lr}` must be > 0")
         if reward not in REWARDS:
             problems.append(f"`reward={reward!r}` must be one of {REWARDS}")
+        if stand_ins not in STAND_INS:
+            problems.append(f"`stand_ins={stand_ins!r}` must be one of {STAND_INS}")
+        elif stand_ins == "identity" and warm_start_batches:
+            problems.append(
+                f"`stand_ins='identity'` keeps every harmonizer at the identity, but `warm_start_batches="
+                f"{warm_start_batches}` would fit them to their blocks: set `warm_start_batches: 0`"
+            )
         if not 0.0 <= val_alpha < 1.0:
             problems.append(f"`val_alpha={val_alpha}` must be in [0, 1)")
         if harmonizer_rank < 1:
@@ -148,6 +162,7 @@ class LayerReplace(pl.Callback):
         self.num_candidates = num_candidates
         self.rl_lr = rl_lr
         self.reward = reward
+        self.stand_ins = stand_ins
         self.val_alpha = val_alpha
         self.seed = seed
         self.model_attr = model_attr
@@ -206,7 +221,8 @@ class LayerReplace(pl.Callback):
         model.requires_grad_(False)
         if not len(harmonizers):
             harmonizers.update(make_harmonizers(hidden, layers, min(self.harmonizer_rank, hidden), self.seed))
-        harmonizers.requires_grad_(True)
+        # identity stand-ins: frozen at their identity initialisation (HarmonizerImportance then trains nothing)
+        harmonizers.requires_grad_(self.stand_ins == "trained")
         self.switches = install_switches(model, harmonizers)
         self.importance = LayerImportance(layers, self.group_size, self.seed, self.reward)
         if self._pending_state is not None:

@@ -120,6 +120,33 @@ def test_stage1_kill_and_resume_reaches_the_same_scores_and_harmonizers(tmp_path
         assert torch.equal(resumed.harmonizers.state_dict()[key], value), key
 
 
+def test_identity_stand_ins_learn_only_the_scores(tiny_trainer) -> None:
+    """``stand_ins='identity'``: harmonizers frozen at the identity, the DL forward skipped, the RL scores learned;
+    the same scores as the ablation's first form of arm c (harmonizers trained at lr 1e-12)."""
+    identity = HarmonizerImportance("tiny-llama", lr=1e-2)
+    cb = _replace(stand_ins="identity")
+    trainer = tiny_trainer(max_steps=4, max_epochs=-1, limit_train_batches=None, limit_val_batches=0, callbacks=[cb])
+    trainer.fit(identity, datamodule=FixedLM())
+    assert trainer.global_step == 4 and cb.rl_batches == 4  # every step ran its RL step
+    assert identity.layer_importance.abs().sum() > 0  # the scores moved
+    assert not identity.trains_harmonizers()
+    for harmonizer in identity.harmonizers.values():  # exactly the identity: a replaced block is dropped
+        assert torch.count_nonzero(harmonizer.up.weight) == 0 and torch.count_nonzero(harmonizer.up.bias) == 0
+    tiny_lr = HarmonizerImportance("tiny-llama", lr=1e-12)
+    cb_lr = _replace()
+    tiny_trainer(max_steps=4, max_epochs=-1, limit_train_batches=None, limit_val_batches=0, callbacks=[cb_lr]).fit(
+        tiny_lr, datamodule=FixedLM()
+    )
+    assert torch.allclose(cb.importance.scores, cb_lr.importance.scores, rtol=1e-6, atol=1e-12)
+
+
+def test_identity_stand_ins_refuse_a_warm_start() -> None:
+    with pytest.raises(ValueError, match="stand_ins='identity'.*warm_start_batches: 0"):
+        _replace(stand_ins="identity", warm_start_batches=4)
+    with pytest.raises(ValueError, match="stand_ins='none'"):
+        _replace(stand_ins="none")
+
+
 def test_stage1_trains_only_harmonizers_and_exports_a_clean_emulator(tmp_path, tiny_trainer) -> None:
     module = HarmonizerImportance("tiny-llama", lr=1e-2)
     original = {k: v.clone() for k, v in module.model.state_dict().items()}

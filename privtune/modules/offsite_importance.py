@@ -96,8 +96,14 @@ class HarmonizerImportance(pl.LightningModule):
         self.register_buffer("layer_importance", torch.zeros(0, dtype=torch.float64))
         self.strict_loading = False
 
+    def trains_harmonizers(self) -> bool:
+        """Whether any harmonizer takes gradients (False for ``LayerReplace(stand_ins='identity')``)."""
+        return any(p.requires_grad for p in self.harmonizers.parameters())
+
     @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        if self.harmonizers and not self.trains_harmonizers():
+            return None  # identity stand-ins: nothing to train; LayerReplace's RL step still runs after the batch
         loss = lm_loss(self.model, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
@@ -107,7 +113,9 @@ class HarmonizerImportance(pl.LightningModule):
         self.log("val/loss", lm_loss(self.model, batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
     @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        if self.harmonizers and not self.trains_harmonizers():
+            return None  # identity stand-ins (every harmonizer frozen): the fit learns only the importance scores
         params = [p for p in self.harmonizers.parameters() if p.requires_grad]
         if not params:
             raise ValueError(
