@@ -92,6 +92,9 @@ def test_a_generated_block_is_replaced_between_its_markers_only(tmp_path: Path) 
     assert text.startswith("intro\n") and text.endswith("<!-- /t -->\noutro\n") and "old" not in text
     assert "<!-- result: benchmarks/results/x/summary.md -->\n| a | 0.9 |" in text
     assert not replace_block(doc, "t", "| a | 0.9 |", ["benchmarks/results/x/summary.md"])  # idempotent
+    assert replace_block(doc, "t", "text 1.5\n\n| a | 0.9 |\n| b | 0.8 |\n", ["r.md"])  # each part cited
+    assert doc.read_text().count("<!-- result: r.md -->\n") == 2
+    assert "<!-- result: r.md -->\n| a | 0.9 |\n| b | 0.8 |" in doc.read_text()
     with pytest.raises(ValueError, match="markers"):
         replace_block(doc, "missing", "x", ["y"])
 

@@ -1,8 +1,9 @@
 """Generated Markdown includes: a document's block between two markers is rewritten from a result file.
 
 Published tables are never edited by hand: a benchmark writes its summary file, and :func:`replace_block` copies it
-into README.md or a guide between ``<!-- NAME -->`` and ``<!-- /NAME -->``, preceded by a ``<!-- result: ... -->``
-citation the published-figure check (:mod:`privtune.eval.published`) follows back to the file.
+into README.md or a guide between ``<!-- NAME -->`` and ``<!-- /NAME -->``, each paragraph and table preceded by a
+``<!-- result: ... -->`` citation the published-figure check (:mod:`privtune.eval.published`) follows back to the
+file.
 
 Threat model: none; documents and result files only.
 """
@@ -31,7 +32,10 @@ def replace_block(doc: str | Path, name: str, body: str, sources: list[str]) -> 
         raise ValueError(f"{doc} lacks the `{start}` ... `{end}` markers the generated block goes between.")
     cite = f"<!-- result: {', '.join(sources)} -->"
     note = f"Generated from `{sources[0]}` (do not edit by hand)."
-    block = f"{start}\n{note}\n\n{cite}\n{body.strip()}\n{end}"
+    # every paragraph and table of the body carries the citation: the check reads one statement per marker
+    chunks = [chunk.strip() for chunk in body.strip().split("\n\n") if chunk.strip()]
+    cited = "\n\n".join(f"{cite}\n{chunk}" for chunk in chunks)
+    block = f"{start}\n{note}\n\n{cited}\n{end}"
     new = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     if new != text:
         doc.write_text(new)
