@@ -243,6 +243,13 @@ def test_fedpeptao_warns_once_when_its_correction_turns_against_the_clients() ->
     drift = [w for w in caught if "FedPepTAOServer" in str(w.message)]
     assert len(drift) == 1 and issubclass(drift[0].category, RuntimeWarning)
     assert "round_start" in str(drift[0].message) and "local steps" in str(drift[0].message)
+    # already round-start: the hint names what is left (more local steps, the control-variate scale)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        server = FedPepTAOServer(num_clients=100, options=FedPepTAOOptions(momentum_mode="round_start"))
+        _run_rounds(server, num_steps=1, rounds=12)
+    drift = [str(w.message) for w in caught if "FedPepTAOServer" in str(w.message)]
+    assert len(drift) == 1 and "momentum_mode: round_start" not in drift[0] and "cv_local_lr" in drift[0]
     # many local steps, the correction taken once per round: below FedAvg's step, no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -299,13 +299,20 @@ class FedPepTAOServer(ServerOptimizer):
         self._against_rounds = self._against_rounds + 1 if against else 0
         if self._against_rounds == 2 and not self._drift_warned:
             self._drift_warned = True
+            # the hint names only what is not set yet: round-start momentum first, then the 1 / (K eta_l) term
+            hint = (
+                "use `options: {momentum_mode: round_start}` (or the `clean` preset), or more local steps per "
+                "round (`local_epochs`)"
+                if self.options.momentum_mode == "chained"
+                else "give each client more local steps per round (`local_epochs`), or a larger `cv_local_lr` (the "
+                f"control-variate term scales as 1 / (K eta_l); now {self.options.cv_local_lr:g})"
+            )
             warnings.warn(
                 f"FedPepTAOServer: for two rounds the server's correction was "
                 f"{d['server/correction_over_fedavg']:.1f}x FedAvg's step and pointed against it (cosine "
                 f"{d['server/cos_step_fedavg']:+.2f}), with {sum(steps) / len(steps):.1f} local steps per client and "
-                f"{len(steps)} clients chained through `momentum_mode={self.options.momentum_mode!r}`; the global "
-                "prompt is likely to diverge. HINT: use `options: {momentum_mode: round_start}` (or the `clean` "
-                "preset), or more local steps per round (`local_epochs`), see docs/federated.md.",
+                f"{len(steps)} clients a round (`momentum_mode={self.options.momentum_mode!r}`); the global prompt "
+                f"is likely to diverge. HINT: {hint}, see docs/federated.md.",
                 RuntimeWarning,
                 stacklevel=2,
             )
