@@ -64,6 +64,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from privtune.callbacks.offsite_pipeline import STAGE1_SECONDS  # noqa: E402
 from privtune.eval.provenance import commit_paths, run_provenance  # noqa: E402
 
 TASKS = {
@@ -198,7 +199,6 @@ BUDGET_POINTS = {
         1000: ("akd1000", None),
     },
 }  # fmt: skip
-STAGE1 = "stage-1 / distillation (fit)"
 
 
 def owner_budget(out: Path, task: str) -> dict[str, dict[int, list[dict[str, float]]]]:
@@ -220,7 +220,7 @@ def owner_budget(out: Path, task: str) -> dict[str, dict[int, list[dict[str, flo
                     {
                         "seed": int(path.stem.rsplit("_seed", 1)[1]),
                         "plug_in": 100 * report["arms"][name]["plug_in"],
-                        "stage1_seconds": float(report["stage_seconds"].get(STAGE1, 0.0)) if steps else 0.0,
+                        "stage1_seconds": float(report["stage_seconds"].get(STAGE1_SECONDS, 0.0)) if steps else 0.0,
                         "cpu_seconds": float(report.get("row", {}).get("cpu_seconds", float("nan"))),
                     }
                 )

@@ -34,6 +34,9 @@ from privtune.recipes.offsite import (
     check_task,
 )
 
+#: the model owner's stage-1 / distillation time in the report's ``stage_seconds`` (read by the ablation benchmark)
+STAGE1_SECONDS = "stage-1 / distillation (fit)"
+
 
 class OffsitePipeline(pl.Callback):
     """After the model owner's fit, run the data owner's tuning and the five settings; write the report.
@@ -243,7 +246,7 @@ class OffsitePipeline(pl.Callback):
         batches = list(trainer.datamodule.train_dataloader()) if stage1 is not None and export.distill_steps else []
         self.report = OffsiteRecipe(self.settings, self.trainers).run(
             export.output_dir,
-            owner_stage_seconds={"stage-1 / distillation (fit)": owner_seconds, "emulator export": export.seconds},
+            owner_stage_seconds={STAGE1_SECONDS: owner_seconds, "emulator export": export.seconds},
             stage1=stage1,
             knobs=knobs,
             distill_batches=batches,
