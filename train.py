@@ -48,7 +48,7 @@ class SaveOnSigterm(Callback):
         checkpoint = trainer.checkpoint_callback
         folder = getattr(checkpoint, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
         self.path = Path(folder) / "sigterm.ckpt"
-        trainer.save_checkpoint(self.path)  # the full state (weights, optimizer, loops), so the run resumes
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state (weights, optimizer, loops): resumable
         rank_zero_info(
             f"SIGTERM received at step {trainer.global_step}: saved {self.path}; resume with `--ckpt_path {self.path}`."
         )

@@ -171,6 +171,8 @@ def test_sigterm_from_outside_stops_the_process_with_143_after_saving(tmp_path) 
     (ckpt,) = tmp_path.rglob("sigterm.ckpt")
     assert torch.load(ckpt, weights_only=True)["global_step"] >= 1
     assert any("SIGTERM received at step" in line for line in lines)
+    # the save says what it stores (the full state), so Lightning has no default to announce
+    assert not any("`weights_only` was not set" in line for line in lines), "".join(lines[-20:])
 
 
 def test_weights_only_false_is_refused(tmp_path) -> None:

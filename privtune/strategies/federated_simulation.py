@@ -109,7 +109,7 @@ class _FederatedMixin:
         """Called after each client of a round; writes ``round_checkpoint`` when configured (in-process mode)."""
         path = self.federated.round_checkpoint
         if path is not None and self._rank_world()[1] == 1:
-            self._trainer_ref.save_checkpoint(path)
+            self._trainer_ref.save_checkpoint(path, weights_only=False)  # resumable: optimizer and loops too
 
     def _add_state(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.loop.state_dict()
