@@ -2,8 +2,9 @@
 
 Issue: at SmolLM2-135M, OT's plain uniform drop gives a better plug-in than ScaleOT. Each arm below isolates one of
 ScaleOT's parts (arXiv 2412.09812) against Offsite-Tuning's uniform drop (arXiv 2302.04870), at about 0.66 of the
-parameters. Every row is ``python train.py fit --config <row>.yaml``, where ``<row>.yaml`` is ``configs/default.yaml``
-(ScaleOT stage 1 + export + the five-setting pipeline) with only the row's differences written in: the task, the
+parameters. Every row is ``python train.py fit --config <row>.yaml``, where ``<row>.yaml`` is :data:`BASE_CONFIG`
+(ScaleOT as published: stage 1 with trained harmonizers, export, the five-setting pipeline; the main job's config
+before its defaults changed, so the rows stay reproducible) with only the row's differences written in: the task, the
 seed (split, stage 1 and tuning), the output folders and the arm's knobs. Nothing is re-implemented here.
 
 Arms (``--arms``):
@@ -73,6 +74,7 @@ TASKS = {
     "tweets": ("bbc_news", 64),
 }
 ARMS = ("a_d", "b", "c", "e", "f", "g", "h", "d300", "d1000", "akd100", "akd300", "akd1000")
+BASE_CONFIG = "configs/offsite_tuning/scaleot_pipeline_smollm2_bbc.yaml"  # ScaleOT (d) as published
 EMULATOR_LAYERS = 13  # OT 2-13-2: about the ScaleOT emulator's 0.66 of the parameters (α = 0.5 of 26: 13 replaced)
 
 
@@ -81,7 +83,7 @@ def _callback(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def row_config(base: dict[str, Any], arm: str, task: str, seed: int, root: Path) -> dict[str, Any]:
-    """``configs/default.yaml`` with the row's differences: task, seed, folders, the arm's knobs."""
+    """:data:`BASE_CONFIG` with the row's differences: task, seed, folders, the arm's knobs."""
     config = copy.deepcopy(base)
     corpus, length = TASKS[task]
     folder = root / task / f"{arm}_seed{seed}"
@@ -138,13 +140,13 @@ def _mean_sd(xs: list[float]) -> str:
 def summarise(out: Path) -> str:
     """Mean ± std per task and arm over the rows that have landed."""
     lines = [
-        "Accuracy in %, mean ± std over the seeds that have landed (n). Each row a `train.py` run of the default "
-        "config with the arm's knobs; measured on a shared machine (wall times not comparable). The last column "
-        "pairs each seed's plug-in with OT uniform drop's on the same split (its `a_d` row) and averages the "
-        "differences.",
+        f"Accuracy in %, mean ± std over the seeds that have landed (n). Each row a `train.py` run of `{BASE_CONFIG}` "
+        "(ScaleOT as published) with the arm's knobs; measured on a shared machine (wall times not comparable). The "
+        "last two columns pair each seed's plug-in with OT uniform drop's and with ScaleOT (d)'s on the same split "
+        "(its `a_d` row) and average the differences.",
         "",
         "| task | arm | n | full ZS | full FT | emulator ZS | emulator FT | plug-in | Δ | params ratio | "
-        "plug-in − OT uniform drop's, same seeds | plug-in − default ScaleOT's, same seeds |",
+        "plug-in − OT uniform drop's, same seeds | plug-in − ScaleOT (d)'s, same seeds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ot_key = f"a_d: ot_uniform_drop_2-{EMULATOR_LAYERS}-2"
@@ -166,7 +168,7 @@ def summarise(out: Path) -> str:
                         "seed": int(path.stem.rsplit("_seed", 1)[1]),
                     }
                 )
-        # paired with OT's uniform drop and with default ScaleOT on the seeds both have (the a_d rows hold both), so
+        # paired with OT's uniform drop and with ScaleOT (d) on the seeds both have (the a_d rows hold both), so
         # that arms with fewer seeds are not compared against a mean over other splits
         baselines = [ot_key, "a_d: scaleot"]
         by_seed = {b: {v["seed"]: v["plug_in"] for v in rows.get(b, [])} for b in baselines}
@@ -289,7 +291,7 @@ def write_summary(out: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--config", default=BASE_CONFIG, help="the base every row config is written from")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"runnable: {ARMS}")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

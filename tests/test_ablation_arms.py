@@ -232,7 +232,7 @@ def _ablation():
 def test_b_and_e_rows_are_runnable_and_parse(tmp_path, arm: str) -> None:
     ablation = _ablation()
     assert arm in ablation.ARMS
-    base = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    base = yaml.safe_load((REPO / ablation.BASE_CONFIG).read_text())
     row = ablation.row_config(base, arm, "bbc_news", 1, tmp_path)
     export = ablation._callback(row, "EmulatorExport")["init_args"]
     pipeline = ablation._callback(row, "OffsitePipeline")["init_args"]
@@ -253,7 +253,7 @@ def test_b_and_e_rows_are_runnable_and_parse(tmp_path, arm: str) -> None:
 
 def test_g_row_is_scaleot_with_the_relative_reward_and_parses(tmp_path) -> None:
     ablation = _ablation()
-    base = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    base = yaml.safe_load((REPO / ablation.BASE_CONFIG).read_text())
     row = ablation.row_config(base, "g", "tweets", 2, tmp_path)
     assert ablation._callback(row, "LayerReplace")["init_args"]["reward"] == "relative"
     default = ablation.row_config(base, "a_d", "tweets", 2, tmp_path)
@@ -267,7 +267,7 @@ def test_g_row_is_scaleot_with_the_relative_reward_and_parses(tmp_path) -> None:
 
 def test_h_row_is_scaleot_with_measured_importance_and_parses(tmp_path) -> None:
     ablation = _ablation()
-    base = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    base = yaml.safe_load((REPO / ablation.BASE_CONFIG).read_text())
     row = ablation.row_config(base, "h", "bbc_news", 0, tmp_path)
     assert ablation._callback(row, "EmulatorExport")["init_args"]["importance"] == "measured"
     assert ablation._callback(row, "LayerReplace")["init_args"].get("reward", "exp") == "exp"
@@ -320,7 +320,19 @@ def test_owner_budget_table_pairs_each_point_with_its_row_and_arm(tmp_path) -> N
     written = ablation.write_summary(tmp_path)
     summary = (tmp_path / "summary.md").read_text()
     d300 = next(line for line in summary.splitlines() if line.startswith("| bbc_news | d300: scaleot |"))
-    assert d300.endswith("| -5.0 | 5.0 |")  # paired on seed 0 with OT's (80) and default ScaleOT's (70) plug-in
+    assert d300.endswith("| -5.0 | 5.0 |")  # paired on seed 0 with OT's (80) and ScaleOT (d)'s (70) plug-in
     assert (tmp_path / "summary.md").read_text().count("| bbc_news |") == 5 + 4  # (row, arm) pairs + budget points
     if importlib.util.find_spec("matplotlib") is not None:
         assert str(tmp_path / "owner_budget.png") in written and (tmp_path / "owner_budget.png").stat().st_size > 0
+
+
+def test_ablation_rows_start_from_scaleot_as_published_not_from_the_main_jobs_defaults() -> None:
+    """The rows that ran stay reproducible when the main job's defaults change: their base is the published recipe."""
+    ablation = _ablation()
+    base = yaml.safe_load((REPO / ablation.BASE_CONFIG).read_text())
+    replace = ablation._callback(base, "LayerReplace")["init_args"]
+    assert replace.get("stand_ins", "trained") == "trained" and replace["warm_start_batches"] == 16
+    assert replace.get("reward", "exp") == "exp" and base["trainer"]["max_steps"] == 100
+    assert base["model"]["init_args"]["lr"] == 1.0e-3  # the harmonizers are trained
+    export = ablation._callback(base, "EmulatorExport")["init_args"]
+    assert (export["adapter_layers"], export["alpha"], export["beta"], export["beta_mlp"]) == (4, 0.5, 0.8, 0.9)
