@@ -1,0 +1,252 @@
+"""The model owner's stage 1 through training, read from the offsite ablation's rows: harmonizer error and loss curves.
+
+Diagnosis for ScaleOT (arXiv 2412.09812) at SmolLM2-135M: every ablation row (``benchmarks/offsite_ablation.py``)
+records its stage 1 in its report (``stage1_curves``, written by ``OffsitePipeline``): the model owner's loss per step
+(with its LM and KD parts where the module logs them: OT's emulator distillation, arXiv 2302.04870 §2.3) and, every
+10 steps, each harmonizer's normalised error against the block it stands in for,
+``||H_i(h_in) - h_out||^2 / ||h_out - h_in||^2`` on the step's held-out batch (0 = the block itself, 1.0 = dropping
+the block, above 1 = worse than dropping it). This script groups the rows by stage-1 recipe and writes, per task,
+how those curves move: the harmonizers' median error and the share of them worse than a plain drop at the first
+and last record, and the owner's loss at the start and end. Nothing is re-run: it reads the committed row files.
+
+Series (one stage 1 per row; a seed counts once per series):
+
+* ``(d) ScaleOT, N steps``: the published stage 1 (LM loss on the owner's corpus under sampled replacement, no KD
+  term); rows ``a_d`` (else ``e``, else ``b``: same stage 1, different export) for 100 steps, ``d300``, ``d1000``.
+* ``(g) relative reward``, ``(c) identity stand-ins`` (error 1 by construction), ``(f) imitation only`` (harmonizers
+  only warm-started on their own block), ``(a)+KD, N steps`` (OT 2-13-2 distilled; no harmonizers).
+
+Run::
+
+    python benchmarks/offsite_stage1_curves.py --docs docs/offsite_tuning.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from privtune.eval.provenance import run_provenance  # noqa: E402
+
+TASKS = ("bbc_news", "tweets")
+# series label -> the ablation arms whose rows hold that stage 1, in order of preference for one seed
+SERIES = {
+    "(d) ScaleOT, 100 steps": ("a_d", "e", "b"),
+    "(d) ScaleOT, 300 steps": ("d300",),
+    "(d) ScaleOT, 1000 steps": ("d1000",),
+    "(g) relative reward, 100 steps": ("g",),
+    "(c) identity stand-ins, 100 steps": ("c",),
+    "(f) imitation only, 100 steps": ("f",),
+    "(a) OT 2-13-2 + KD, 100 steps": ("akd100",),
+    "(a) OT 2-13-2 + KD, 300 steps": ("akd300",),
+    "(a) OT 2-13-2 + KD, 1000 steps": ("akd1000",),
+}
+WINDOW = 10  # steps averaged for the loss at the start and at the end of stage 1
+
+
+def series_rows(rows_dir: Path, task: str) -> dict[str, list[dict[str, Any]]]:
+    """Per series, the ``stage1_curves`` of each seed's preferred row (rows without curves are skipped)."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for label, arms in SERIES.items():
+        seeds: dict[int, dict[str, Any]] = {}
+        for arm in arms:
+            for path in sorted((rows_dir / task).glob(f"{arm}_seed*.json")):
+                seed = int(path.stem.rsplit("_seed", 1)[1])
+                curves = json.loads(path.read_text()).get("stage1_curves")
+                if seed not in seeds and curves:
+                    seeds[seed] = {"seed": seed, "row": path.name, **curves}
+        if seeds:
+            found[label] = [seeds[s] for s in sorted(seeds)]
+    return found
+
+
+def _error_at(curves: dict[str, Any], index: int) -> list[float]:
+    error = curves["harmonizer_error"]
+    return [values[index] for block, values in error.items() if block != "step"]
+
+
+def error_summary(curves: dict[str, Any]) -> dict[str, float] | None:
+    """First and last record of one stage 1's harmonizer errors: median, share worse than a drop, worst block."""
+    if "harmonizer_error" not in curves:
+        return None
+    first, last = _error_at(curves, 0), _error_at(curves, -1)
+    return {
+        "first_step": curves["harmonizer_error"]["step"][0],
+        "last_step": curves["harmonizer_error"]["step"][-1],
+        "median_first": statistics.median(first),
+        "median_last": statistics.median(last),
+        "worse_than_drop_first": sum(e > 1.0 for e in first) / len(first),
+        "worse_than_drop_last": sum(e > 1.0 for e in last) / len(last),
+        "max_last": max(last),
+    }
+
+
+def loss_summary(curves: dict[str, Any]) -> dict[str, float] | None:
+    """The owner's loss (and its LM / KD parts where logged) averaged over the first and the last ``WINDOW`` steps."""
+    loss = curves.get("loss")
+    if not loss or len(loss["step"]) < 2 * WINDOW:
+        return None
+    out = {}
+    for part in ("loss", "lm", "kd"):
+        if part in loss:
+            out[f"{part}_first"] = statistics.mean(loss[part][:WINDOW])
+            out[f"{part}_last"] = statistics.mean(loss[part][-WINDOW:])
+    return out
+
+
+def _mean_sd(xs: list[float], fmt: str = "{:.2f}") -> str:
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(statistics.stdev(xs))}"
+
+
+def summarise(rows_dir: Path) -> dict[str, Any]:
+    """Per task and series: the seeds' rows and their error and loss summaries."""
+    return {
+        task: {
+            label: [
+                {"seed": r["seed"], "row": r["row"], "error": error_summary(r), "loss": loss_summary(r)} for r in rows
+            ]
+            for label, rows in series_rows(rows_dir, task).items()
+        }
+        for task in TASKS
+    }
+
+
+def markdown(summary: dict[str, Any], rows_rel: str) -> str:
+    """The two tables (harmonizer error, owner's loss), mean ± std over seeds, per task and series."""
+    lines = [
+        f"The model owner's stage 1 in the offsite ablation's rows (`{rows_rel}`), mean ± std over the seeds whose row "
+        "recorded it (n). Harmonizer error: each harmonizer's normalised error against its block, "
+        "`||H(h_in) - h_out||^2 / ||h_out - h_in||^2` on the step's held-out batch (1.0 = dropping the block); "
+        "median over the 26 middle blocks and the share of them above 1 (worse than a plain drop), at the first "
+        "record (after the warm start) and the last.",
+        "",
+        "| task | stage 1 | n | median error, first | median error, last | share > 1, first | share > 1, last | "
+        "worst block, last |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task, series in summary.items():
+        for label, rows in series.items():
+            errors = [r["error"] for r in rows if r["error"]]
+            if not errors:
+                continue
+            cells = [
+                _mean_sd([e["median_first"] for e in errors]),
+                _mean_sd([e["median_last"] for e in errors]),
+                _mean_sd([100 * e["worse_than_drop_first"] for e in errors], "{:.0f}%"),
+                _mean_sd([100 * e["worse_than_drop_last"] for e in errors], "{:.0f}%"),
+                _mean_sd([e["max_last"] for e in errors]),
+            ]
+            lines.append(f"| {task} | {label} | {len(errors)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"The owner's training loss, mean of the first and of the last {WINDOW} steps (ScaleOT: the LM loss of the "
+        "model with a sampled replaced set; OT + KD: λ_lm·LM + λ_kd·KD, with its two parts).",
+        "",
+        "| task | stage 1 | n | loss, first | loss, last | LM, first → last | KD, first → last |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task, series in summary.items():
+        for label, rows in series.items():
+            losses = [r["loss"] for r in rows if r["loss"]]
+            if not losses:
+                continue
+            parts = []
+            for part in ("lm", "kd"):
+                if all(f"{part}_first" in loss for loss in losses):
+                    first = _mean_sd([loss[f"{part}_first"] for loss in losses], "{:.3f}")
+                    last = _mean_sd([loss[f"{part}_last"] for loss in losses], "{:.3f}")
+                    parts.append(f"{first} → {last}")
+                else:
+                    parts.append("–")
+            lines.append(
+                f"| {task} | {label} | {len(losses)} | {_mean_sd([loss['loss_first'] for loss in losses], '{:.3f}')} "
+                f"| {_mean_sd([loss['loss_last'] for loss in losses], '{:.3f}')} | " + " | ".join(parts) + " |"
+            )
+    prov = run_provenance()
+    lines += ["", f"Written by `{prov['command']}` at commit {prov['commit']}, {prov['date_utc']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows_dir: Path, path: Path) -> Path | None:
+    """``curves.png``: per task, the median harmonizer error and the owner's loss against the step; None without
+    matplotlib. Each line is one series' mean over its seeds (loss: a ``WINDOW``-step moving average)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(len(TASKS), 2, figsize=(11, 3.6 * len(TASKS)), squeeze=False)
+    for (ax_err, ax_loss), task in zip(axes, TASKS):
+        for label, rows in series_rows(rows_dir, task).items():
+            with_error = [r for r in rows if "harmonizer_error" in r]
+            if with_error:
+                steps = with_error[0]["harmonizer_error"]["step"]
+                same = [r for r in with_error if r["harmonizer_error"]["step"] == steps]
+                medians = [statistics.mean(statistics.median(_error_at(r, i)) for r in same) for i in range(len(steps))]
+                ax_err.plot(steps, medians, marker=".", label=f"{label} (n={len(same)})")
+            with_loss = [r for r in rows if r.get("loss")]
+            if with_loss:
+                length = min(len(r["loss"]["loss"]) for r in with_loss)
+                mean = [statistics.mean(r["loss"]["loss"][i] for r in with_loss) for i in range(length)]
+                smooth = [statistics.mean(mean[max(0, i - WINDOW + 1) : i + 1]) for i in range(length)]
+                ax_loss.plot(with_loss[0]["loss"]["step"][:length], smooth, label=f"{label} (n={len(with_loss)})")
+        ax_err.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax_err.set_title(f"{task}: median harmonizer error (1 = layer drop)")
+        ax_err.set_xlabel("stage-1 step")
+        ax_loss.set_title(f"{task}: model owner's loss ({WINDOW}-step average)")
+        ax_loss.set_xlabel("stage-1 / distillation step")
+        for ax in (ax_err, ax_loss):
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="benchmarks/results/offsite_ablation", help="the ablation's result folder")
+    parser.add_argument("--out", default="benchmarks/results/offsite_stage1_curves")
+    parser.add_argument("--docs", nargs="*", default=[], help="Markdown files with an offsite-stage1-curves block")
+    args = parser.parse_args(argv)
+    rows_dir, out = Path(args.rows), Path(args.out)
+    if not rows_dir.is_dir():
+        parser.error(f"--rows {rows_dir}: not a folder; give the offsite ablation's result folder")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(rows_dir)
+    rows_rel = rows_dir.resolve().relative_to(ROOT).as_posix() if rows_dir.resolve().is_relative_to(ROOT) else rows_dir
+    (out / "curves.json").write_text(
+        json.dumps({"series": summary, "provenance": run_provenance()}, indent=2, default=str) + "\n"
+    )
+    (out / "curves.md").write_text(markdown(summary, str(rows_rel)))
+    written = [str(out / "curves.json"), str(out / "curves.md")]
+    picture = plot(rows_dir, out / "curves.png")
+    if picture is not None:
+        written.append(str(picture))
+    if args.docs:
+        from privtune.eval.includes import replace_block
+
+        rel = out.resolve().relative_to(ROOT).as_posix()
+        for doc in args.docs:
+            replace_block(doc, "offsite-stage1-curves", (out / "curves.md").read_text(), [f"{rel}/curves.md", rel])
+    print("\n".join(written))
+    return written
+
+
+if __name__ == "__main__":
+    main()
