@@ -14,12 +14,13 @@ Two rules hold for every run started here:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -56,6 +57,17 @@ class SaveOnSigterm(Callback):
 
 class PrivtuneCLI(LightningCLI):
     """LightningCLI with safe checkpoint loading and a SIGTERM checkpoint (see the module docstring)."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """As LightningCLI's; given ``args`` (programmatic use: benchmarks, tests) are the whole command line, so the
+        calling script's own ``sys.argv`` is neither read nor warned about."""
+        if args is None:
+            return super().parse_arguments(parser, args)
+        argv, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            return super().parse_arguments(parser, args)
+        finally:
+            sys.argv = argv
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -47,6 +47,15 @@ def test_fit_with_overrides_runs_and_reports(tmp_path) -> None:
     assert set(report["rows"]) == {"zero-shot", "tuned"}
 
 
+def test_programmatic_args_are_the_whole_command_line(tmp_path, monkeypatch, recwarn) -> None:
+    """A script calling ``main(args)`` with its own options in ``sys.argv`` (a benchmark) gets no argv warning."""
+    monkeypatch.setattr(sys, "argv", ["benchmarks/some_benchmark.py", "--rows", "all", "--seeds", "0"])
+    cli = main(["fit", "--config", TINY, "--trainer.max_steps=1", *_quiet(tmp_path)])
+    assert cli.trainer.global_step == 1
+    assert sys.argv == ["benchmarks/some_benchmark.py", "--rows", "all", "--seeds", "0"]  # restored
+    assert not [w for w in recwarn if "args parameter is intended" in str(w.message)]
+
+
 def test_print_config_lists_every_option(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["fit", "--config", TINY, "--print_config"])
