@@ -12,9 +12,11 @@ and last record, and the owner's loss at the start and end. Nothing is re-run: i
 Series (one stage 1 per row; a seed counts once per series):
 
 * ``(d) ScaleOT, N steps``: the published stage 1 (LM loss on the owner's corpus under sampled replacement, no KD
-  term); rows ``a_d`` (else ``e``, else ``b``: same stage 1, different export) for 100 steps, ``d300``, ``d1000``.
+  term); rows ``a_d`` (else ``e``, ``b`` or ``akd<N>``: the same stage 1) for 100 steps, ``d300``, ``d1000``.
 * ``(g) relative reward``, ``(c) identity stand-ins`` (error 1 by construction), ``(f) imitation only`` (harmonizers
-  only warm-started on their own block), ``(a)+KD, N steps`` (OT 2-13-2 distilled; no harmonizers).
+  only warm-started on their own block).
+* ``(a) OT 2-13-2 + KD, N steps``: OT's uniform drop distilled in process (rows ``akd<N>``; the LM and KD parts of
+  OT's objective per step, no harmonizers).
 
 Run::
 
@@ -38,28 +40,35 @@ from privtune.eval.provenance import run_provenance  # noqa: E402
 TASKS = ("bbc_news", "tweets")
 # series label -> the ablation arms whose rows hold that stage 1, in order of preference for one seed
 SERIES = {
-    "(d) ScaleOT, 100 steps": ("a_d", "e", "b"),
+    "(d) ScaleOT, 100 steps": ("a_d", "e", "b", "akd100", "akd300", "akd1000"),
     "(d) ScaleOT, 300 steps": ("d300",),
     "(d) ScaleOT, 1000 steps": ("d1000",),
     "(g) relative reward, 100 steps": ("g",),
     "(c) identity stand-ins, 100 steps": ("c",),
     "(f) imitation only, 100 steps": ("f",),
-    "(a) OT 2-13-2 + KD, 100 steps": ("akd100",),
-    "(a) OT 2-13-2 + KD, 300 steps": ("akd300",),
-    "(a) OT 2-13-2 + KD, 1000 steps": ("akd1000",),
 }
+# OT 2-13-2 + KD: the ``akd<N>`` rows distil OT's uniform drop in process beside ScaleOT; its curve (LM and KD per
+# step) is the row's ``uniform_drop_distillation`` record of that arm (the row's ``stage1_curves`` are ScaleOT's)
+KD_SERIES = {f"(a) OT 2-13-2 + KD, {n} steps": (f"akd{n}", f"ot_uniform_drop_2-13-2_kd{n}") for n in (100, 300, 1000)}
 WINDOW = 10  # steps averaged for the loss at the start and at the end of stage 1
 
 
 def series_rows(rows_dir: Path, task: str) -> dict[str, list[dict[str, Any]]]:
-    """Per series, the ``stage1_curves`` of each seed's preferred row (rows without curves are skipped)."""
+    """Per series, the curves of each seed's preferred row (rows without them are skipped)."""
     found: dict[str, list[dict[str, Any]]] = {}
-    for label, arms in SERIES.items():
+    wanted = {label: [(arm, None) for arm in arms] for label, arms in SERIES.items()}
+    wanted |= {label: [row_arm] for label, row_arm in KD_SERIES.items()}
+    for label, sources in wanted.items():
         seeds: dict[int, dict[str, Any]] = {}
-        for arm in arms:
-            for path in sorted((rows_dir / task).glob(f"{arm}_seed*.json")):
+        for row, arm in sources:
+            for path in sorted((rows_dir / task).glob(f"{row}_seed*.json")):
                 seed = int(path.stem.rsplit("_seed", 1)[1])
-                curves = json.loads(path.read_text()).get("stage1_curves")
+                report = json.loads(path.read_text())
+                if arm is None:
+                    curves = report.get("stage1_curves")
+                else:
+                    record = report.get("uniform_drop_distillation", {}).get(arm)
+                    curves = {"loss": record["curve"]} if record else None
                 if seed not in seeds and curves:
                     seeds[seed] = {"seed": seed, "row": path.name, **curves}
         if seeds:

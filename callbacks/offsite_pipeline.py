@@ -60,6 +60,10 @@ class OffsitePipeline(pl.Callback):
             adds an emulator fine-tuning and a plug-in evaluation).
         uniform_drop_layers: also tune and plug Offsite-Tuning's undistilled 2-k-2 uniform drop with this ``k``
             (a row beside the exported emulator in the same table); ``None`` for none.
+        uniform_drop_distill_steps: distil that uniform drop first with Offsite-Tuning's KD objective for this many
+            steps on the fit's training batches (the owner's public text), in this process, never written (arm
+            ``..._kd<steps>``; :attr:`~privtune.recipes.offsite.PipelineSettings.uniform_drop_distill_steps`); 0: off.
+        uniform_drop_distill_lr: AdamW learning rate of that distillation (OT's 1e-4).
         scaleot_no_src: also tune and plug the exported ScaleOT emulator with its kept blocks put back uncompressed
             (ablation (e), ScaleOT without SRC, same size), built in this process and never written
             (:func:`~privtune.recipes.offsite.restore_kept_blocks`).
@@ -103,6 +107,8 @@ class OffsitePipeline(pl.Callback):
         tuning: Literal["full", "lora"] = "full",
         alphas: list[float] | None = None,
         uniform_drop_layers: int | None = None,
+        uniform_drop_distill_steps: int = 0,
+        uniform_drop_distill_lr: float = 1e-4,
         scaleot_no_src: bool = False,
         extraction: bool = False,
         extraction_lr: float = 2e-5,
@@ -130,6 +136,8 @@ class OffsitePipeline(pl.Callback):
             tuning=tuning,
             alphas=list(alphas or []),
             uniform_drop_layers=uniform_drop_layers,
+            uniform_drop_distill_steps=uniform_drop_distill_steps,
+            uniform_drop_distill_lr=uniform_drop_distill_lr,
             scaleot_no_src=scaleot_no_src,
             extraction=extraction,
             extraction_lr=extraction_lr,
@@ -243,7 +251,8 @@ class OffsitePipeline(pl.Callback):
             export.adapter_layers, export.alpha, export.beta, export.beta_mlp, export.distill_steps,
             export.distill_lr, export.distill_norm, export.replaced,
         )  # fmt: skip
-        batches = list(trainer.datamodule.train_dataloader()) if stage1 is not None and export.distill_steps else []
+        wants_batches = (stage1 is not None and export.distill_steps) or self.settings.uniform_drop_distill_steps
+        batches = list(trainer.datamodule.train_dataloader()) if wants_batches else []
         self.report = OffsiteRecipe(self.settings, self.trainers).run(
             export.output_dir,
             owner_stage_seconds={STAGE1_SECONDS: owner_seconds, "emulator export": export.seconds},

@@ -281,7 +281,7 @@ def test_h_row_is_scaleot_with_measured_importance_and_parses(tmp_path) -> None:
 # --- owner-budget scaling: the summary's table and plot -----------------------------------------------------------
 
 
-def _row(arms: dict[str, float], stage1: float, cpu: float | None = None) -> dict:
+def _row(arms: dict[str, float], stage1: float, cpu: float | None = None, distill: float | None = None) -> dict:
     report = {
         "settings": {"full_zs": {"acc": 0.5}, "ft": {"acc": 0.9}},
         "arms": {
@@ -292,6 +292,8 @@ def _row(arms: dict[str, float], stage1: float, cpu: float | None = None) -> dic
     }
     if cpu is not None:
         report["row"] = {"cpu_seconds": cpu}
+    if distill is not None:  # the in-process OT + KD arm's record
+        report["uniform_drop_distillation"] = {n: {"seconds": distill} for n in arms if "_kd" in n}
     return report
 
 
@@ -302,7 +304,7 @@ def test_owner_budget_table_pairs_each_point_with_its_row_and_arm(tmp_path) -> N
         "a_d_seed0": _row({"scaleot": 0.70, ot: 0.80}, 100.0),
         "a_d_seed1": _row({"scaleot": 0.60, ot: 0.90}, 120.0),
         "d300_seed0": _row({"scaleot": 0.75, ot: 0.80}, 300.0, cpu=900.0),
-        "akd100_seed0": _row({"uniform_drop": 0.85}, 90.0, cpu=500.0),
+        "akd100_seed0": _row({"scaleot": 0.71, f"{ot}_kd100": 0.85}, 90.0, cpu=500.0, distill=40.0),
     }
     (tmp_path / "bbc_news").mkdir()
     for name, report in rows.items():
@@ -314,6 +316,7 @@ def test_owner_budget_table_pairs_each_point_with_its_row_and_arm(tmp_path) -> N
     assert [v["plug_in"] for v in kd[0]] == pytest.approx([80.0, 90.0])  # OT undistilled = (a) at 0 steps
     assert kd[0][0]["stage1_seconds"] == 0.0  # no owner steps spent on OT's plain drop
     assert kd[100][0]["plug_in"] == pytest.approx(85.0) and kd[100][0]["cpu_seconds"] == 500.0
+    assert kd[100][0]["stage1_seconds"] == 40.0  # the owner's distillation, not the row's ScaleOT stage 1
     lines = ablation.budget_lines(tmp_path)
     assert "| bbc_news | (d) ScaleOT | 100 | 2 | 65.0 ± 7.1 | 110 | – |" in lines
     assert "| bbc_news | (d) ScaleOT | 300 | 1 | 75.0 | 300 | 900 |" in lines
@@ -321,7 +324,7 @@ def test_owner_budget_table_pairs_each_point_with_its_row_and_arm(tmp_path) -> N
     summary = (tmp_path / "summary.md").read_text()
     d300 = next(line for line in summary.splitlines() if line.startswith("| bbc_news | d300: scaleot |"))
     assert d300.endswith("| -5.0 | 5.0 |")  # paired on seed 0 with OT's (80) and ScaleOT (d)'s (70) plug-in
-    assert (tmp_path / "summary.md").read_text().count("| bbc_news |") == 5 + 4  # (row, arm) pairs + budget points
+    assert (tmp_path / "summary.md").read_text().count("| bbc_news |") == 6 + 4  # (row, arm) pairs + budget points
     if importlib.util.find_spec("matplotlib") is not None:
         assert str(tmp_path / "owner_budget.png") in written and (tmp_path / "owner_budget.png").stat().st_size > 0
 

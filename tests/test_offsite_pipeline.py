@@ -430,6 +430,33 @@ def test_plug_in_takes_exactly_the_last_step_adapters_the_data_owner_trained(
             assert torch.equal(tensor, untouched[index].state_dict()[name]), (index, name)
 
 
+def test_uniform_drop_distilled_in_process_with_ots_objective(tmp_path, synthetic_csv, tiny_trainer) -> None:
+    """OT + KD beside the exported emulator: distilled at the model owner on the fit's LM batches, never written."""
+    module = HarmonizerImportance("tiny-llama", lr=1e-2)
+    export = EmulatorExport(str(tmp_path / "emu"), adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=0.75)
+    pipeline = _pipeline(
+        tmp_path / "report", synthetic_csv, uniform_drop_layers=1, uniform_drop_distill_steps=6,
+        uniform_drop_distill_lr=1e-3,
+    )  # fmt: skip
+    tiny_trainer(max_epochs=1, callbacks=[_replace(), export, pipeline]).fit(module, datamodule=FixedLM())
+    report = json.loads((tmp_path / "report" / "offsite_report.json").read_text())
+    assert set(report["arms"]) == {"scaleot", "ot_uniform_drop_1-1-1_kd6"}
+    record = report["uniform_drop_distillation"]["ot_uniform_drop_1-1-1_kd6"]
+    assert record["steps"] == 6 and record["lr"] == 1e-3 and record["curve"]["step"] == [1, 2, 3, 4, 5, 6]
+    kd = record["curve"]["kd"]
+    assert kd[4] < kd[0] and kd[5] < kd[1]  # the same batches (two, cycled) a few steps later: closer
+    assert any("model owner's distillation (6 steps)" in k for k in report["stage_seconds"])
+    assert (
+        "ot_uniform_drop_1-1-1_kd6: model owner's distillation"
+        in (tmp_path / "report" / "offsite_report.md").read_text()
+    )
+    # the arm writes an adapter artifact and nothing else: the distilled middle never leaves the process
+    arm_paths = [p for p in (tmp_path / "report").rglob("*") if "kd6" in p.as_posix()]
+    adapters = tmp_path / "report" / "adapters_ot_uniform_drop_1-1-1_kd6"
+    assert {p.parent if p.is_file() else p for p in arm_paths} == {adapters}
+    assert {p.name for p in adapters.iterdir()} == {p.name for p in (tmp_path / "report" / "adapters").iterdir()}
+
+
 def test_pipeline_refusals(tmp_path, synthetic_csv, tiny_trainer) -> None:
     with pytest.raises(ValueError, match="needs an EmulatorExport callback before it"):
         tiny_trainer(max_epochs=1, callbacks=[_replace(), _pipeline(tmp_path, synthetic_csv)]).fit(
@@ -441,6 +468,10 @@ def test_pipeline_refusals(tmp_path, synthetic_csv, tiny_trainer) -> None:
         tiny_trainer(max_steps=1, callbacks=callbacks).fit(distill, datamodule=FixedLM())
     with pytest.raises(ValueError, match="uniform_drop_layers=0"):
         _pipeline(tmp_path, synthetic_csv, uniform_drop_layers=0)
+    with pytest.raises(ValueError, match="distils the uniform-drop arm: set `uniform_drop_layers` too"):
+        _pipeline(tmp_path, synthetic_csv, uniform_drop_distill_steps=10)
+    with pytest.raises(ValueError, match="uniform_drop_distill_steps=-1"):
+        _pipeline(tmp_path, synthetic_csv, uniform_drop_layers=1, uniform_drop_distill_steps=-1)
     with pytest.raises(ValueError, match="progress_every=0"):
         _pipeline(tmp_path, synthetic_csv, progress_every=0)
     with pytest.raises(TypeError, match="not a trained ScaleOT stage-1 module"):
@@ -453,7 +484,7 @@ def test_pipeline_refusals(tmp_path, synthetic_csv, tiny_trainer) -> None:
         generate_scaleot_emulator(ScaleOTStage1.from_module(stage1), EmulatorKnobs(2, distill_steps=2), "unused")
 
 
-def test_ablation_rows_are_the_default_config_with_only_the_arm_changed(tmp_path) -> None:
+def test_ablation_rows_are_the_base_config_with_only_the_arm_changed(tmp_path) -> None:
     import importlib.util
     import sys
 
@@ -463,7 +494,7 @@ def test_ablation_rows_are_the_default_config_with_only_the_arm_changed(tmp_path
     ablation = importlib.util.module_from_spec(spec)
     sys.modules["offsite_ablation"] = ablation
     spec.loader.exec_module(ablation)
-    base = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    base = yaml.safe_load((REPO / ablation.BASE_CONFIG).read_text())
 
     def pipeline(config: dict) -> dict:
         return ablation._callback(config, "OffsitePipeline")["init_args"]
@@ -476,10 +507,10 @@ def test_ablation_rows_are_the_default_config_with_only_the_arm_changed(tmp_path
     identity = ablation.row_config(base, "c", "bbc_news", 0, tmp_path)
     assert identity["model"]["init_args"]["lr"] == 1e-12
     assert ablation._callback(identity, "LayerReplace")["init_args"]["warm_start_batches"] == 0
-    kd = ablation.row_config(base, "akd300", "bbc_news", 0, tmp_path)
-    assert kd["trainer"]["max_steps"] == 300 and kd["model"]["init_args"]["emulator_layers"] == 13
-    assert not any(cb["class_path"].endswith("LayerReplace") for cb in kd["trainer"]["callbacks"])
-    assert base == yaml.safe_load((REPO / "configs" / "default.yaml").read_text())  # the base is not mutated
+    kd = ablation.row_config(base, "akd300", "bbc_news", 0, tmp_path)  # OT + KD in process beside ScaleOT (d)
+    assert (pipeline(kd)["uniform_drop_layers"], pipeline(kd)["uniform_drop_distill_steps"]) == (13, 300)
+    assert kd["trainer"]["max_steps"] == 100 and kd["model"] == base["model"]
+    assert base == yaml.safe_load((REPO / ablation.BASE_CONFIG).read_text())  # the base is not mutated
     with pytest.raises(ValueError, match="unknown arm 'x'"):
         ablation.row_config(base, "x", "tweets", 0, tmp_path)
 

@@ -44,7 +44,10 @@ def test_each_series_takes_one_row_per_seed_and_summarises_first_and_last(tmp_pa
     _write(rows / "bbc_news", "b_seed0", _curves([0.1, 0.1, 0.1], [0.1, 0.1, 0.1], loss))  # same stage 1: a_d wins
     _write(rows / "bbc_news", "b_seed1", _curves([0.6, 0.6, 0.6], [1.2, 1.2, 0.6], loss))  # seed 1 only in b
     _write(rows / "bbc_news", "a_d_seed2", None)  # recorded before the curves existed: skipped
-    _write(rows / "bbc_news", "akd100_seed0", _curves([], [], [31.0] * 20, kd=[0.8] * 10 + [0.2] * 10))
+    kd_curve = _curves([], [], [31.0] * 20, kd=[0.8] * 10 + [0.2] * 10)["loss"]
+    akd = {"arms": {}, "stage1_curves": _curves([0.9] * 3, [0.9] * 3, loss)}  # ScaleOT's stage 1 in the same row
+    akd["uniform_drop_distillation"] = {"ot_uniform_drop_2-13-2_kd100": {"curve": kd_curve}}
+    (rows / "bbc_news" / "akd100_seed0.json").write_text(json.dumps(akd))
     summary = module.summarise(rows)["bbc_news"]
     published = summary["(d) ScaleOT, 100 steps"]
     assert [(r["seed"], r["row"]) for r in published] == [(0, "a_d_seed0.json"), (1, "b_seed1.json")]

@@ -12,7 +12,7 @@ Threat model: distillation runs at the model owner on public text; the data owne
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from itertools import cycle, islice
 from typing import Literal
@@ -152,6 +152,7 @@ def distill_emulator(
     lm_weight: float = 1.0,
     kd_weight: float = 30.0,
     kd_norm: KDNorm = "global",
+    on_step: Callable[[int, Mapping[str, float]], None] | None = None,
 ) -> tuple[float, float]:
     """Distil ``emulator``'s middle towards ``teacher`` for ``steps`` AdamW steps, cycling ``batches``.
 
@@ -169,6 +170,8 @@ def distill_emulator(
         lm_weight: ``λ_lm``.
         kd_weight: ``λ_kd``.
         kd_norm: see :func:`normalized_kd_loss`.
+        on_step: called after each step with its number (from 1) and ``{"loss", "lm", "kd"}`` (for curves and
+            progress).
 
     Returns:
         ``(kd first, kd last)``: the normalised KD term on the first and the last step.
@@ -185,7 +188,7 @@ def distill_emulator(
     emulator.train()
     kd: list[float] = []
     with torch.enable_grad():
-        for batch in islice(cycle(list(batches)), steps):
+        for step, batch in enumerate(islice(cycle(list(batches)), steps), start=1):
             out = distillation_loss(
                 teacher, emulator, plan, batch["input_ids"], batch["attention_mask"], batch["labels"],
                 lm_weight, kd_weight, kd_norm,
@@ -194,6 +197,8 @@ def distill_emulator(
             out["loss"].backward()
             optimizer.step()
             kd.append(float(out["kd"]))
+            if on_step is not None:
+                on_step(step, {name: float(value.detach()) for name, value in out.items()})
     if not kd:
         raise ValueError("distill_emulator got no batch.")
     emulator.requires_grad_(False)

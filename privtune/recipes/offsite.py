@@ -144,6 +144,13 @@ class PipelineSettings:
         alphas: extra ScaleOT ``α`` values, each an emulator re-generated from the same stage-1 run.
         uniform_drop_layers: ``k`` of an Offsite-Tuning 2-k-2 uniform layer drop (undistilled, built in process)
             tuned and plugged beside the exported emulator; ``None`` for none.
+        uniform_drop_distill_steps: distil that uniform drop with Offsite-Tuning's objective (§2.3: ``λ_lm = 1``,
+            ``λ_kd = 30``, AdamW lr ``uniform_drop_distill_lr``, the globally normalised KD term) for this many
+            steps on the model owner's public LM batches before the data owner tunes it (OT with KD, arm
+            ``ot_uniform_drop_2-k-2_kd<steps>``); 0 keeps it undistilled. Built and distilled in process at the model
+            owner and never written: its kept blocks move by well under the leak check's 1 % in a few hundred steps,
+            so it could not be exported (:func:`~privtune.emulator.save_emulator_artifact` refuses it).
+        uniform_drop_distill_lr: AdamW learning rate of that distillation.
         scaleot_no_src: also tune and plug the exported ScaleOT emulator with its kept middle blocks put back
             uncompressed (ablation (e), ScaleOT without SRC; same positions, harmonizers and parameter count), built
             in process at the model owner and never written (:func:`restore_kept_blocks`).
@@ -177,6 +184,8 @@ class PipelineSettings:
     tuning: str = "full"
     alphas: list[float] = field(default_factory=list)
     uniform_drop_layers: int | None = None
+    uniform_drop_distill_steps: int = 0
+    uniform_drop_distill_lr: float = 1e-4
     scaleot_no_src: bool = False
     extraction: bool = False
     extraction_lr: float = 2e-5
@@ -213,6 +222,15 @@ class PipelineSettings:
             problems.append(f"`alphas={self.alphas}`: {bad} outside [0, 1)")
         if self.uniform_drop_layers is not None and self.uniform_drop_layers < 1:
             problems.append(f"`uniform_drop_layers={self.uniform_drop_layers}` must be >= 1 kept middle blocks")
+        if self.uniform_drop_distill_steps < 0:
+            problems.append(f"`uniform_drop_distill_steps={self.uniform_drop_distill_steps}` must be >= 0")
+        if self.uniform_drop_distill_steps and self.uniform_drop_layers is None:
+            problems.append(
+                f"`uniform_drop_distill_steps={self.uniform_drop_distill_steps}` distils the uniform-drop arm: set "
+                "`uniform_drop_layers` too"
+            )
+        if not self.uniform_drop_distill_lr > 0:
+            problems.append(f"`uniform_drop_distill_lr={self.uniform_drop_distill_lr}` must be > 0")
         if self.audit_examples < 2:
             problems.append(f"`audit_examples={self.audit_examples}` must be >= 2 (members and non-members each)")
         if self.audit_seed < 0:
@@ -640,13 +658,17 @@ class OffsiteRecipe:
         arm: str = "emulator",
         adapters: tuple[int, int] = (2, 2),
         original: nn.Module | None = None,
+        distill_steps: int = 0,
+        distill_batches: Sequence[Mapping[str, Any]] = (),
     ) -> dict[str, Any]:
         """Data owner: emulator ZS, adapter tuning (emulator FT); model owner: plug-in. Returns the rows and costs.
 
         ``emulator_dir=None`` with ``emulator_layers=k`` builds an undistilled ``adapters[0]``-k-``adapters[1]``
         uniform-drop emulator in process (Offsite-Tuning's training-free OT†, which cannot be exported as an
-        artifact: it holds original blocks). With ``original``, the ScaleOT artifact's kept blocks are put back
-        uncompressed in process (:func:`restore_kept_blocks`; ScaleOT without SRC, likewise never exported).
+        artifact: it holds original blocks); with ``distill_steps`` > 0 the model owner first distils its middle
+        with OT's objective on ``distill_batches`` (:meth:`distill_in_process`; the curve is returned under
+        ``distillation``). With ``original``, the ScaleOT artifact's kept blocks are put back uncompressed in process
+        (:func:`restore_kept_blocks`; ScaleOT without SRC, likewise never exported).
         """
         s, t = self.settings, self.trainers
         source: dict[str, Any] = {"emulator_dir": emulator_dir, "emulator_layers": emulator_layers}
@@ -657,11 +679,16 @@ class OffsiteRecipe:
         untuned = OffsiteFinetune(model_name, **source, tuning="none")
         if original is not None:
             restore_kept_blocks(untuned, original)
+        if distill_steps:
+            out["distillation"] = self.distill_in_process(untuned, distill_steps, distill_batches, arm)
+            start = time.perf_counter()  # the emulator ZS below is timed on its own
         out["emulator_zs"] = t.test(f"{arm}_zero_shot", untuned, datamodule)
         out["seconds_emulator_zs"] = time.perf_counter() - start
         module = OffsiteFinetune(model_name, **source, tuning=s.tuning, lr=s.lr)  # type: ignore[arg-type]
         if original is not None:
             restore_kept_blocks(module, original)
+        if distill_steps:  # the same distilled middle; the adapters are the original blocks in both
+            module.model.load_state_dict(untuned.model.state_dict())
         start = time.perf_counter()
         timer = t.fit(f"{arm}_data_owner_tuning", module, datamodule, s.max_steps, s.seed)
         save_adapter_artifact(adapter_dir, module.adapter_state(), module.plan)  # the last step's adapters
@@ -676,6 +703,41 @@ class OffsiteRecipe:
         out["seconds_plug_in"] = time.perf_counter() - start
         self.audit_model(arm, plugged)
         return out
+
+    def distill_in_process(
+        self, emulator: OffsiteFinetune, steps: int, batches: Sequence[Mapping[str, Any]], arm: str
+    ) -> dict[str, Any]:
+        """Model owner: distil ``emulator``'s middle towards the original model with Offsite-Tuning's objective.
+
+        OT (arXiv 2302.04870, §2.3): ``λ_lm · LM + λ_kd · KD`` with λ_lm = 1, λ_kd = 30, the globally normalised KD
+        term, AdamW at ``uniform_drop_distill_lr``, on the owner's public LM ``batches`` (cycled), in place and on
+        the nested Trainers' device. Returns ``{"steps", "lr", "seconds", "curve": {"step", "loss", "lm", "kd"}}``.
+        """
+        s = self.settings
+        device = self.trainers.device
+        teacher = load_model(emulator.plan.base_model).to(device)
+        moved = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+        curve: dict[str, list[float]] = {"step": [], "loss": [], "lm": [], "kd": []}
+        every = max(1, steps // 10)
+        start = time.perf_counter()
+
+        def record(step: int, values: Mapping[str, float]) -> None:
+            curve["step"].append(step)
+            for name in ("loss", "lm", "kd"):
+                curve[name].append(values[name])
+            if step % every == 0 or step == steps:
+                progress(
+                    f"{arm}: model owner's distillation step {step}/{steps}, LM {values['lm']:.4f}, "
+                    f"KD {values['kd']:.4f}, {time.perf_counter() - start:.1f} s"
+                )
+
+        progress(f"{arm}: model owner's distillation (Offsite-Tuning's KD), {steps} steps on {device.type}")
+        distill_emulator(
+            teacher, emulator.model.to(device), emulator.plan, moved, steps, s.uniform_drop_distill_lr,
+            on_step=record,
+        )  # fmt: skip
+        emulator.model.cpu()
+        return {"steps": steps, "lr": s.uniform_drop_distill_lr, "seconds": time.perf_counter() - start, "curve": curve}
 
     def extraction(self, model_name: str, emulator_dir: str, datamodule: pl.LightningDataModule) -> dict[str, float]:
         """The extraction attacker's accuracy: the data owner fine-tunes every parameter of the shipped emulator
@@ -719,6 +781,11 @@ class OffsiteRecipe:
             raise ValueError(
                 f"`alphas={self.settings.alphas}` re-generate ScaleOT emulators from stage 1, but no stage-1 state was "
                 "given. HINT: run the sweep after HarmonizerImportance + LayerReplace, or leave `alphas` empty."
+            )
+        if self.settings.uniform_drop_distill_steps and not distill_batches:
+            raise ValueError(
+                f"`uniform_drop_distill_steps={self.settings.uniform_drop_distill_steps}` distils the uniform drop on "
+                "the model owner's LM batches, but none were given (`distill_batches`)."
             )
         with quiet_weight_loading():
             return self._run(emulator_dir, owner_stage_seconds, stage1, knobs, distill_batches, meta, stage1_curves)
@@ -781,15 +848,23 @@ class OffsiteRecipe:
             **_closeness_rows(emulator_dir),
         }
         arms = {arm_name: _arm_row(owner, emulator_params, full_params)}
+        distillations: dict[str, Any] = {}
         if s.uniform_drop_layers is not None:
-            k = s.uniform_drop_layers
-            name = f"ot_uniform_drop_{plan.adapter_bottom}-{k}-{plan.adapter_top}"
+            k, steps = s.uniform_drop_layers, s.uniform_drop_distill_steps
+            name = f"ot_uniform_drop_{plan.adapter_bottom}-{k}-{plan.adapter_top}" + (f"_kd{steps}" if steps else "")
             start = time.perf_counter()
             drop = self.tune_emulator_and_plug_in(
                 model_name, None, str(out_dir / f"adapters_{name}"), datamodule, k, arm=name,
-                adapters=(plan.adapter_bottom, plan.adapter_top),
+                adapters=(plan.adapter_bottom, plan.adapter_top), distill_steps=steps, distill_batches=distill_batches,
             )  # fmt: skip
-            stages[f"OT uniform drop {name}: zero-shot, tuning, plug-in"] = time.perf_counter() - start
+            if steps:
+                stages[f"OT uniform drop {name}: model owner's distillation ({steps} steps)"] = drop["distillation"][
+                    "seconds"
+                ]
+                distillations[name] = drop["distillation"]
+            stages[f"OT uniform drop {name}: zero-shot, tuning, plug-in"] = (
+                time.perf_counter() - start - (drop["distillation"]["seconds"] if steps else 0.0)
+            )
             arms[name] = _arm_row(drop, drop["emulator_params"], full_params)
         if s.scaleot_no_src:
             name = f"{arm_name}_no_src"
@@ -840,6 +915,11 @@ class OffsiteRecipe:
         if stage1_curves:
             keys["stage1_curves"] = dict(stage1_curves)
             lines += stage1_curve_lines(stage1_curves)
+        if distillations:  # the in-process OT + KD arm's curve: LM and KD parts per step
+            keys["uniform_drop_distillation"] = distillations
+            for name, record in distillations.items():
+                title = f"{name}: model owner's distillation, {record['seconds']:.1f} s"
+                lines += stage1_curve_lines({"loss": record["curve"]}, title)
         out = report.to_dict() | keys
         markdown = report.markdown() + ("\n" + "\n".join(lines) if lines else "")
         if keys:
@@ -848,13 +928,13 @@ class OffsiteRecipe:
         return out
 
 
-def stage1_curve_lines(curves: Mapping[str, Any]) -> list[str]:
+def stage1_curve_lines(curves: Mapping[str, Any], title: str = "model owner's stage 1") -> list[str]:
     """The model owner's curves summarised for the report: each series' first and last value, with their steps.
 
     ``curves``: ``{"loss": {"step": [...], "<series>": [...]}, "harmonizer_error": {"step": [...], "<block>":
     [...]}}`` (each part optional; :class:`~privtune.callbacks.offsite_pipeline.OffsitePipeline` records them).
     """
-    lines = ["", "| model owner's stage 1 (curves in offsite_report.json) | first | last |", "|---|---|---|"]
+    lines = ["", f"| {title} (curves in offsite_report.json) | first | last |", "|---|---|---|"]
     named = (
         ("loss", "{} (step {} → {})"),
         ("harmonizer_error", "block {} harmonizer: normalised error (step {} → {})"),
