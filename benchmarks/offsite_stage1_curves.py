@@ -34,6 +34,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from offsite_loo_importance import spearman  # noqa: E402
 
 from privtune.eval.provenance import run_provenance  # noqa: E402
 
@@ -51,6 +54,8 @@ SERIES = {
 # step) is the row's ``uniform_drop_distillation`` record of that arm (the row's ``stage1_curves`` are ScaleOT's)
 KD_SERIES = {f"(a) OT 2-13-2 + KD, {n} steps": (f"akd{n}", f"ot_uniform_drop_2-13-2_kd{n}") for n in (100, 300, 1000)}
 WINDOW = 10  # steps averaged for the loss at the start and at the end of stage 1
+# leave-one-out importance measured on tweets, the owner's corpus of the BBC News rows (stage 1 of the default config)
+LOO = {"bbc_news": "benchmarks/results/offsite_loo_importance/loo.json"}
 
 
 def series_rows(rows_dir: Path, task: str) -> dict[str, list[dict[str, Any]]]:
@@ -70,7 +75,8 @@ def series_rows(rows_dir: Path, task: str) -> dict[str, list[dict[str, Any]]]:
                     record = report.get("uniform_drop_distillation", {}).get(arm)
                     curves = {"loss": record["curve"]} if record else None
                 if seed not in seeds and curves:
-                    seeds[seed] = {"seed": seed, "row": path.name, **curves}
+                    scores = report.get("meta", {}).get("layer_importance") if arm is None else None
+                    seeds[seed] = {"seed": seed, "row": path.name, "layer_importance": scores, **curves}
         if seeds:
             found[label] = [seeds[s] for s in sorted(seeds)]
     return found
@@ -110,25 +116,48 @@ def loss_summary(curves: dict[str, Any]) -> dict[str, float] | None:
     return out
 
 
-def _mean_sd(xs: list[float], fmt: str = "{:.2f}") -> str:
+def importance_vs_loo(scores: dict[str, float] | None, loo: dict[str, Any] | None) -> dict[str, float] | None:
+    """A row's learned scores against leave-one-out importance: Spearman and the overlap of the replaced halves.
+
+    ``loo``: :mod:`offsite_loo_importance`'s result (each block's LM loss on the owner's corpus with the block
+    dropped, and the base loss). The replaced half is the ``n // 2`` lowest-scored blocks (α = 0.5).
+    """
+    if not scores or not loo:
+        return None
+    middle = sorted(int(i) for i in scores)
+    rl = [scores[str(i)] for i in middle]
+    drop = [loo["rows"][str(i)]["dropped"] - loo["base_loss"] for i in middle]
+    half = len(middle) // 2
+    low_rl = {middle[i] for i in sorted(range(len(middle)), key=lambda i: rl[i])[:half]}
+    low_loo = {middle[i] for i in sorted(range(len(middle)), key=lambda i: drop[i])[:half]}
+    return {"spearman": spearman(rl, drop), "overlap": len(low_rl & low_loo), "half": half}
+
+
+def _mean_sd(xs: list[float], fmt: str = "{:.2f}", sd_fmt: str | None = None) -> str:
+    """``mean ± std`` (``fmt`` for the mean, ``sd_fmt`` or ``fmt`` for the spread); one value alone; none: –."""
     if not xs:
         return "–"
     if len(xs) == 1:
         return fmt.format(xs[0])
-    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(statistics.stdev(xs))}"
+    return f"{fmt.format(statistics.mean(xs))} ± {(sd_fmt or fmt).format(statistics.stdev(xs))}"
 
 
-def summarise(rows_dir: Path) -> dict[str, Any]:
-    """Per task and series: the seeds' rows and their error and loss summaries."""
+def summarise(rows_dir: Path, loo: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Per task and series: the seeds' rows and their error, loss and (with ``loo[task]``) importance summaries."""
+    loo = loo or {}
     return {
         task: {
             label: [
-                {"seed": r["seed"], "row": r["row"], "error": error_summary(r), "loss": loss_summary(r)} for r in rows
+                {
+                    "seed": r["seed"], "row": r["row"], "error": error_summary(r), "loss": loss_summary(r),
+                    "importance_vs_loo": importance_vs_loo(r.get("layer_importance"), loo.get(task)),
+                }
+                for r in rows
             ]
             for label, rows in series_rows(rows_dir, task).items()
         }
         for task in TASKS
-    }
+    }  # fmt: skip
 
 
 def markdown(summary: dict[str, Any], rows_rel: str) -> str:
@@ -182,6 +211,27 @@ def markdown(summary: dict[str, Any], rows_rel: str) -> str:
                 f"| {task} | {label} | {len(losses)} | {_mean_sd([loss['loss_first'] for loss in losses], '{:.3f}')} "
                 f"| {_mean_sd([loss['loss_last'] for loss in losses], '{:.3f}')} | " + " | ".join(parts) + " |"
             )
+    compared = [
+        (task, label, [r["importance_vs_loo"] for r in rows if r.get("importance_vs_loo")])
+        for task, series in summary.items()
+        for label, rows in series.items()
+    ]
+    if any(found for _, _, found in compared):
+        lines += [
+            "",
+            "Each stage 1's learned layer scores against leave-one-out importance measured on the same owner's corpus "
+            f"({', '.join(f'`{path}`' for path in LOO.values())}: each middle block dropped alone, the LM loss "
+            "increase): Spearman correlation, and how many of the half the scores replace (α = 0.5) leave-one-out "
+            "would replace too (a random half shares about half).",
+            "",
+            "| task | stage 1 | n | Spearman vs leave-one-out | replaced halves in common |",
+            "|---|---|---|---|---|",
+        ]
+        for task, label, found in compared:
+            if found:
+                rho = _mean_sd([f["spearman"] for f in found], "{:+.2f}", "{:.2f}")
+                overlap = _mean_sd([f["overlap"] for f in found], "{:.1f}")
+                lines.append(f"| {task} | {label} | {len(found)} | {rho} | {overlap} of {found[0]['half']} |")
     prov = run_provenance()
     lines += ["", f"Written by `{prov['command']}` at commit {prov['commit']}, {prov['date_utc']}."]
     return "\n".join(lines) + "\n"
@@ -237,7 +287,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     if not rows_dir.is_dir():
         parser.error(f"--rows {rows_dir}: not a folder; give the offsite ablation's result folder")
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarise(rows_dir)
+    loo = {task: json.loads((ROOT / path).read_text()) for task, path in LOO.items() if (ROOT / path).is_file()}
+    summary = summarise(rows_dir, loo)
     rows_rel = rows_dir.resolve().relative_to(ROOT).as_posix() if rows_dir.resolve().is_relative_to(ROOT) else rows_dir
     (out / "curves.json").write_text(
         json.dumps({"series": summary, "provenance": run_provenance()}, indent=2, default=str) + "\n"

@@ -83,3 +83,13 @@ def test_main_writes_its_files_and_refuses_a_missing_rows_folder(tmp_path) -> No
     with pytest.raises(SystemExit):
         module.main(["--rows", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out2")])
     assert not (tmp_path / "out2").exists()  # refused before anything was written
+
+
+def test_learned_scores_are_compared_with_leave_one_out_importance() -> None:
+    module = _curves_module()
+    loo = {"base_loss": 5.0, "rows": {str(i): {"dropped": 5.0 + i} for i in range(2, 8)}}  # deeper = more important
+    same = module.importance_vs_loo({str(i): 0.1 * i for i in range(2, 8)}, loo)
+    assert same == {"spearman": pytest.approx(1.0), "overlap": 3, "half": 3}
+    reversed_ = module.importance_vs_loo({str(i): -0.1 * i for i in range(2, 8)}, loo)
+    assert reversed_["spearman"] == pytest.approx(-1.0) and reversed_["overlap"] == 0
+    assert module.importance_vs_loo(None, loo) is None and module.importance_vs_loo({"2": 0.0}, None) is None
