@@ -31,6 +31,10 @@ Arms (``--arms``):
   trained harmonizer, put alone in their place, raises the owner's LM loss least on 4 held-out batches; a block
   whose harmonizer is harmful is kept. Everything else as (d).
 * ``d300``, ``d1000``: ScaleOT (d) with 300 / 1000 stage-1 steps instead of 100 (owner-budget scaling; with (a)).
+* ``dfresh``, ``d300fresh``: ScaleOT (d) with 100 / 300 stage-1 steps where every step sees new owner text: the
+  owner's corpus is capped at ``steps x batch size`` blocks (400 / 1200 of its ~17,900) instead of the config's 128,
+  which 100 steps cycle three times and 300 steps nine times. Tests whether the harmonizers' drift away from their
+  blocks (``benchmarks/results/offsite_stage1_curves``) is the small, repeated owner corpus.
 * ``akd100``, ``akd300``, ``akd1000``: OT 2-13-2 distilled with OT's KD objective (λ_lm 1, λ_kd 30, lr 1e-4) for
   100 / 300 / 1000 steps on the owner's corpus, beside ScaleOT (d) in the same run
   (``OffsitePipeline(uniform_drop_distill_steps=N)``): distilled in process at the model owner and never written,
@@ -76,7 +80,7 @@ TASKS = {
     "bbc_news": ("tweets", 96),
     "tweets": ("bbc_news", 64),
 }
-ARMS = ("a_d", "b", "c", "e", "f", "g", "h", "d300", "d1000", "akd100", "akd300", "akd1000")
+ARMS = ("a_d", "b", "c", "e", "f", "g", "h", "d300", "d1000", "akd100", "akd300", "akd1000", "dfresh", "d300fresh")
 BASE_CONFIG = "configs/offsite_tuning/scaleot_pipeline_smollm2_bbc.yaml"  # ScaleOT (d) as published
 EMULATOR_LAYERS = 13  # OT 2-13-2: about the ScaleOT emulator's 0.66 of the parameters (α = 0.5 of 26: 13 replaced)
 
@@ -118,6 +122,10 @@ def row_config(base: dict[str, Any], arm: str, task: str, seed: int, root: Path)
         export["importance"] = "measured"
     elif arm in ("d300", "d1000"):
         config["trainer"]["max_steps"] = int(arm[1:])
+    elif arm in ("dfresh", "d300fresh"):
+        steps = 300 if arm == "d300fresh" else config["trainer"]["max_steps"]
+        config["trainer"]["max_steps"] = steps
+        config["data"]["init_args"]["max_train_blocks"] = steps * config["data"]["init_args"]["batch_size"]
     elif arm.startswith("akd"):
         pipeline["uniform_drop_distill_steps"] = int(arm[3:])
     elif arm != "a_d":

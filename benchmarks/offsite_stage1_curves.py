@@ -12,7 +12,8 @@ and last record, and the owner's loss at the start and end. Nothing is re-run: i
 Series (one stage 1 per row; a seed counts once per series):
 
 * ``(d) ScaleOT, N steps``: the published stage 1 (LM loss on the owner's corpus under sampled replacement, no KD
-  term); rows ``a_d`` (else ``e``, ``b`` or ``akd<N>``: the same stage 1) for 100 steps, ``d300``, ``d1000``.
+  term); rows ``a_d`` (else ``e``, ``b`` or ``akd<N>``: the same stage 1) for 100 steps, ``d300``, ``d1000``;
+  ``dfresh`` / ``d300fresh``: the same with every step on new owner text (no block seen twice).
 * ``(g) relative reward``, ``(c) identity stand-ins`` (error 1 by construction), ``(f) imitation only`` (harmonizers
   only warm-started on their own block).
 * ``(a) OT 2-13-2 + KD, N steps``: OT's uniform drop distilled in process (rows ``akd<N>``; the LM and KD parts of
@@ -46,6 +47,8 @@ SERIES = {
     "(d) ScaleOT, 100 steps": ("a_d", "e", "b", "akd100", "akd300", "akd1000"),
     "(d) ScaleOT, 300 steps": ("d300",),
     "(d) ScaleOT, 1000 steps": ("d1000",),
+    "(d) each step new owner text, 100 steps": ("dfresh",),
+    "(d) each step new owner text, 300 steps": ("d300fresh",),
     "(g) relative reward, 100 steps": ("g",),
     "(c) identity stand-ins, 100 steps": ("c",),
     "(f) imitation only, 100 steps": ("f",),

@@ -339,3 +339,16 @@ def test_ablation_rows_start_from_scaleot_as_published_not_from_the_main_jobs_de
     assert base["model"]["init_args"]["lr"] == 1.0e-3  # the harmonizers are trained
     export = ablation._callback(base, "EmulatorExport")["init_args"]
     assert (export["adapter_layers"], export["alpha"], export["beta"], export["beta_mlp"]) == (4, 0.5, 0.8, 0.9)
+
+
+@pytest.mark.parametrize(("arm", "steps"), [("dfresh", 100), ("d300fresh", 300)])
+def test_fresh_owner_text_rows_see_each_block_once(tmp_path, arm: str, steps: int) -> None:
+    ablation = _ablation()
+    base = yaml.safe_load((REPO / ablation.BASE_CONFIG).read_text())
+    row = ablation.row_config(base, arm, "bbc_news", 1, tmp_path)
+    data = row["data"]["init_args"]
+    assert row["trainer"]["max_steps"] == steps and data["max_train_blocks"] == steps * data["batch_size"]
+    assert base["data"]["init_args"]["max_train_blocks"] < data["max_train_blocks"]  # the config cycles fewer blocks
+    assert row["model"] == base["model"] and ablation._callback(row, "LayerReplace") == ablation._callback(
+        base, "LayerReplace"
+    )
