@@ -179,7 +179,7 @@ def summarise(out: Path) -> str:
                 cells.append(_mean_sd([v[metric] for v in values]))
             for base in baselines:
                 diffs = [v["plug_in"] - by_seed[base][v["seed"]] for v in values if v["seed"] in by_seed[base]]
-                cells.append("—" if key in baselines or not diffs else _mean_sd(diffs))
+                cells.append("—" if key == base or not diffs else _mean_sd(diffs))
             lines.append(
                 f"| {task} | {key} | {len(values)} | "
                 + " | ".join(cells[:6])

@@ -324,6 +324,8 @@ def test_owner_budget_table_pairs_each_point_with_its_row_and_arm(tmp_path) -> N
     summary = (tmp_path / "summary.md").read_text()
     d300 = next(line for line in summary.splitlines() if line.startswith("| bbc_news | d300: scaleot |"))
     assert d300.endswith("| -5.0 | 5.0 |")  # paired on seed 0 with OT's (80) and ScaleOT (d)'s (70) plug-in
+    scaleot = next(line for line in summary.splitlines() if line.startswith("| bbc_news | a_d: scaleot |"))
+    assert scaleot.endswith("| -20.0 ± 14.1 | — |")  # (d) against OT on the same seeds; not against itself
     assert (tmp_path / "summary.md").read_text().count("| bbc_news |") == 6 + 4  # (row, arm) pairs + budget points
     if importlib.util.find_spec("matplotlib") is not None:
         assert str(tmp_path / "owner_budget.png") in written and (tmp_path / "owner_budget.png").stat().st_size > 0
