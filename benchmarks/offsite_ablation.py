@@ -35,6 +35,9 @@ Arms (``--arms``):
   owner's corpus is capped at ``steps x batch size`` blocks (400 / 1200 of its ~17,900) instead of the config's 128,
   which 100 steps cycle three times and 300 steps nine times. Tests whether the harmonizers' drift away from their
   blocks (``benchmarks/results/offsite_stage1_curves``) is the small, repeated owner corpus.
+* ``dlr``: ScaleOT (d) with the harmonizers' learning rate at 1e-4 instead of 1e-3 (everything else as (d), the
+  per-block warm start included): between (d), whose LM-only training moves the harmonizers away from their blocks,
+  and (f), which keeps them where the warm start put them.
 * ``akd100``, ``akd300``, ``akd1000``: OT 2-13-2 distilled with OT's KD objective (λ_lm 1, λ_kd 30, lr 1e-4) for
   100 / 300 / 1000 steps on the owner's corpus, beside ScaleOT (d) in the same run
   (``OffsitePipeline(uniform_drop_distill_steps=N)``): distilled in process at the model owner and never written,
@@ -80,7 +83,9 @@ TASKS = {
     "bbc_news": ("tweets", 96),
     "tweets": ("bbc_news", 64),
 }
-ARMS = ("a_d", "b", "c", "e", "f", "g", "h", "d300", "d1000", "akd100", "akd300", "akd1000", "dfresh", "d300fresh")
+ARMS = (
+    "a_d", "b", "c", "e", "f", "g", "h", "d300", "d1000", "akd100", "akd300", "akd1000", "dfresh", "d300fresh", "dlr",
+)  # fmt: skip
 BASE_CONFIG = "configs/offsite_tuning/scaleot_pipeline_smollm2_bbc.yaml"  # ScaleOT (d) as published
 EMULATOR_LAYERS = 13  # OT 2-13-2: about the ScaleOT emulator's 0.66 of the parameters (α = 0.5 of 26: 13 replaced)
 
@@ -122,6 +127,8 @@ def row_config(base: dict[str, Any], arm: str, task: str, seed: int, root: Path)
         export["importance"] = "measured"
     elif arm in ("d300", "d1000"):
         config["trainer"]["max_steps"] = int(arm[1:])
+    elif arm == "dlr":
+        config["model"]["init_args"]["lr"] = 1e-4
     elif arm in ("dfresh", "d300fresh"):
         steps = 300 if arm == "d300fresh" else config["trainer"]["max_steps"]
         config["trainer"]["max_steps"] = steps

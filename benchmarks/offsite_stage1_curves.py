@@ -52,6 +52,7 @@ SERIES = {
     "(g) relative reward, 100 steps": ("g",),
     "(c) identity stand-ins, 100 steps": ("c",),
     "(f) imitation only, 100 steps": ("f",),
+    "(d) harmonizer lr 1e-4, 100 steps": ("dlr",),
 }
 # OT 2-13-2 + KD: the ``akd<N>`` rows distil OT's uniform drop in process beside ScaleOT; its curve (LM and KD per
 # step) is the row's ``uniform_drop_distillation`` record of that arm (the row's ``stage1_curves`` are ScaleOT's)

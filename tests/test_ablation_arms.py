@@ -354,3 +354,11 @@ def test_fresh_owner_text_rows_see_each_block_once(tmp_path, arm: str, steps: in
     assert row["model"] == base["model"] and ablation._callback(row, "LayerReplace") == ablation._callback(
         base, "LayerReplace"
     )
+
+
+def test_dlr_row_is_scaleot_with_a_tenth_of_the_harmonizer_learning_rate(tmp_path) -> None:
+    ablation = _ablation()
+    base = yaml.safe_load((REPO / ablation.BASE_CONFIG).read_text())
+    row = ablation.row_config(base, "dlr", "bbc_news", 0, tmp_path)
+    assert row["model"]["init_args"]["lr"] == pytest.approx(base["model"]["init_args"]["lr"] / 10)
+    assert ablation._callback(row, "LayerReplace") == ablation._callback(base, "LayerReplace")  # warm start kept
