@@ -4,9 +4,10 @@ ScaleOT (arXiv 2412.09812) learns one importance score per middle layer by REINF
 important half by harmonizers. At 135 M parameters the measurement it approximates is cheap: drop each of the 30
 blocks in turn (an identity in its place) and measure the LM loss on the model owner's corpus. This script
 
-1. runs ScaleOT's stage 1 exactly as a YAML config describes it (``configs/default.yaml`` by default: the model,
-   the corpus and the ``LayerReplace`` callback; the config's export and pipeline callbacks are left out), through
-   ``LightningCLI``, and keeps the learned scores and harmonizers;
+1. runs ScaleOT's stage 1 exactly as a YAML config describes it (by default ScaleOT's published-recipe config,
+   ``configs/offsite_tuning/scaleot_pipeline_smollm2_bbc.yaml``, 100 steps, which was also the main job's when this
+   ran: the model, the corpus and the ``LayerReplace`` callback; the config's export and pipeline callbacks are
+   left out), through ``LightningCLI``, and keeps the learned scores and harmonizers;
 2. measures the LM loss of the original model on the corpus's validation blocks, then with each block dropped
    (identity) and, for the middle blocks, replaced by its trained harmonizer;
 3. reports the Spearman rank correlation between the RL scores and the leave-one-out loss increase, and the overlap
@@ -17,7 +18,8 @@ what is there (stage 1 is not rerun: its scores and harmonizers are saved under 
 
 Run::
 
-    HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/offsite_loo_importance.py --config configs/default.yaml \
+    HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/offsite_loo_importance.py \
+        --config configs/offsite_tuning/scaleot_pipeline_smollm2_bbc.yaml \
         --out benchmarks/results/offsite_loo_importance
 """
 
@@ -109,7 +111,9 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/default.yaml", help="the stage-1 config (model, corpus)")
+    parser.add_argument(
+        "--config", default="configs/offsite_tuning/scaleot_pipeline_smollm2_bbc.yaml", help="the stage-1 config"
+    )
     parser.add_argument("--eval-blocks", type=int, default=24, help="validation blocks of the corpus measured")
     parser.add_argument("--work", default="runs/offsite_loo_importance", help="stage-1 state (not committed)")
     parser.add_argument("--out", default="benchmarks/results/offsite_loo_importance")
