@@ -30,6 +30,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,43 @@ def summarise(rows_dir: Path, loo: dict[str, dict[str, Any]] | None = None) -> d
     }  # fmt: skip
 
 
+def _table_rows(summary: dict[str, Any], key: str, cells: Callable[[list[dict[str, Any]]], list[str]]) -> list[str]:
+    """One table line per task and series that has ``key`` on some seed: task, series, n, then ``cells``."""
+    lines = []
+    for task, series in summary.items():
+        for label, rows in series.items():
+            found = [r[key] for r in rows if r.get(key)]
+            if found:
+                lines.append(f"| {task} | {label} | {len(found)} | " + " | ".join(cells(found)) + " |")
+    return lines
+
+
+def _error_cells(errors: list[dict[str, float]]) -> list[str]:
+    return [
+        _mean_sd([e["median_first"] for e in errors]),
+        _mean_sd([e["median_last"] for e in errors]),
+        _mean_sd([100 * e["worse_than_drop_first"] for e in errors], "{:.0f}%"),
+        _mean_sd([100 * e["worse_than_drop_last"] for e in errors], "{:.0f}%"),
+        _mean_sd([e["max_last"] for e in errors]),
+    ]
+
+
+def _loss_cells(losses: list[dict[str, float]]) -> list[str]:
+    cells = [_mean_sd([loss[f"loss_{end}"] for loss in losses], "{:.3f}") for end in ("first", "last")]
+    for part in ("lm", "kd"):
+        if all(f"{part}_first" in loss for loss in losses):
+            first, last = (_mean_sd([loss[f"{part}_{end}"] for loss in losses], "{:.3f}") for end in ("first", "last"))
+            cells.append(f"{first} → {last}")
+        else:
+            cells.append("–")
+    return cells
+
+
+def _importance_cells(found: list[dict[str, float]]) -> list[str]:
+    rho = _mean_sd([f["spearman"] for f in found], "{:+.2f}", "{:.2f}")
+    return [rho, f"{_mean_sd([f['overlap'] for f in found], '{:.1f}')} of {found[0]['half']}"]
+
+
 def markdown(summary: dict[str, Any], rows_rel: str) -> str:
     """The two tables (harmonizer error, owner's loss), mean ± std over seeds, per task and series."""
     lines = [
@@ -177,19 +215,7 @@ def markdown(summary: dict[str, Any], rows_rel: str) -> str:
         "worst block, last |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for task, series in summary.items():
-        for label, rows in series.items():
-            errors = [r["error"] for r in rows if r["error"]]
-            if not errors:
-                continue
-            cells = [
-                _mean_sd([e["median_first"] for e in errors]),
-                _mean_sd([e["median_last"] for e in errors]),
-                _mean_sd([100 * e["worse_than_drop_first"] for e in errors], "{:.0f}%"),
-                _mean_sd([100 * e["worse_than_drop_last"] for e in errors], "{:.0f}%"),
-                _mean_sd([e["max_last"] for e in errors]),
-            ]
-            lines.append(f"| {task} | {label} | {len(errors)} | " + " | ".join(cells) + " |")
+    lines += _table_rows(summary, "error", _error_cells)
     lines += [
         "",
         f"The owner's training loss, mean of the first and of the last {WINDOW} steps (ScaleOT: the LM loss of the "
@@ -198,29 +224,9 @@ def markdown(summary: dict[str, Any], rows_rel: str) -> str:
         "| task | stage 1 | n | loss, first | loss, last | LM, first → last | KD, first → last |",
         "|---|---|---|---|---|---|---|",
     ]
-    for task, series in summary.items():
-        for label, rows in series.items():
-            losses = [r["loss"] for r in rows if r["loss"]]
-            if not losses:
-                continue
-            parts = []
-            for part in ("lm", "kd"):
-                if all(f"{part}_first" in loss for loss in losses):
-                    first = _mean_sd([loss[f"{part}_first"] for loss in losses], "{:.3f}")
-                    last = _mean_sd([loss[f"{part}_last"] for loss in losses], "{:.3f}")
-                    parts.append(f"{first} → {last}")
-                else:
-                    parts.append("–")
-            lines.append(
-                f"| {task} | {label} | {len(losses)} | {_mean_sd([loss['loss_first'] for loss in losses], '{:.3f}')} "
-                f"| {_mean_sd([loss['loss_last'] for loss in losses], '{:.3f}')} | " + " | ".join(parts) + " |"
-            )
-    compared = [
-        (task, label, [r["importance_vs_loo"] for r in rows if r.get("importance_vs_loo")])
-        for task, series in summary.items()
-        for label, rows in series.items()
-    ]
-    if any(found for _, _, found in compared):
+    lines += _table_rows(summary, "loss", _loss_cells)
+    importance = _table_rows(summary, "importance_vs_loo", _importance_cells)
+    if importance:
         lines += [
             "",
             "Each stage 1's learned layer scores against leave-one-out importance measured on the same owner's corpus "
@@ -230,12 +236,8 @@ def markdown(summary: dict[str, Any], rows_rel: str) -> str:
             "",
             "| task | stage 1 | n | Spearman vs leave-one-out | replaced halves in common |",
             "|---|---|---|---|---|",
+            *importance,
         ]
-        for task, label, found in compared:
-            if found:
-                rho = _mean_sd([f["spearman"] for f in found], "{:+.2f}", "{:.2f}")
-                overlap = _mean_sd([f["overlap"] for f in found], "{:.1f}")
-                lines.append(f"| {task} | {label} | {len(found)} | {rho} | {overlap} of {found[0]['half']} |")
     prov = run_provenance()
     lines += ["", f"Written by `{prov['command']}` at commit {prov['commit']}, {prov['date_utc']}."]
     return "\n".join(lines) + "\n"
