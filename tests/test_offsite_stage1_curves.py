@@ -1,95 +1,111 @@
-"""benchmarks/offsite_stage1_curves.py: the stage-1 diagnosis read from the ablation's row files."""
+"""ScaleOT stage-1 diagnostics: each harmonizer's normalised error through training and the owner's loss curve."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
+import math
+import random
 
+import lightning.pytorch as pl
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
-REPO = Path(__file__).resolve().parents[1]
+from privtune.callbacks.layer_replace import LayerReplace
+from privtune.callbacks.offsite_pipeline import OffsitePipeline
+from privtune.callbacks.offsite_tuning import EmulatorExport
+from privtune.emulator import install_switches, make_harmonizers
+from privtune.models import get_blocks, load_model
+from privtune.modules.offsite_importance import HarmonizerImportance, harmonizer_errors
 
-
-def _curves_module():
-    path = REPO / "benchmarks" / "offsite_stage1_curves.py"
-    spec = importlib.util.spec_from_file_location("offsite_stage1_curves", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["offsite_stage1_curves"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _curves(first: list[float], last: list[float], loss: list[float], kd: list[float] | None = None) -> dict:
-    error = {"step": [1, 100]} | {str(2 + i): [a, b] for i, (a, b) in enumerate(zip(first, last))}
-    curves = {"loss": {"step": list(range(1, len(loss) + 1)), "loss": loss}, "harmonizer_error": error}
-    if kd is not None:
-        curves["loss"] |= {"lm": loss, "kd": kd}
-        del curves["harmonizer_error"]
-    return curves
+WORDS = {"good": ["great", "fine", "love"], "bad": ["awful", "hate", "sad"]}
 
 
-def _write(folder: Path, name: str, curves: dict | None) -> None:
-    report = {"arms": {}, "stage1_curves": curves} if curves is not None else {"arms": {}}
-    (folder / f"{name}.json").write_text(json.dumps(report))
+class _LM(pl.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        ids = torch.randint(3, 500, (6, 12), generator=torch.Generator().manual_seed(5))
+        return DataLoader([{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids], 2)
+
+    val_dataloader = train_dataloader
 
 
-def test_each_series_takes_one_row_per_seed_and_summarises_first_and_last(tmp_path) -> None:
-    module = _curves_module()
-    rows = tmp_path / "rows"
-    (rows / "bbc_news").mkdir(parents=True)
-    loss = [8.0] * 10 + [7.0] * 80 + [6.0] * 10
-    _write(rows / "bbc_news", "a_d_seed0", _curves([0.5, 0.7, 0.9], [1.5, 0.8, 2.0], loss))
-    _write(rows / "bbc_news", "b_seed0", _curves([0.1, 0.1, 0.1], [0.1, 0.1, 0.1], loss))  # same stage 1: a_d wins
-    _write(rows / "bbc_news", "b_seed1", _curves([0.6, 0.6, 0.6], [1.2, 1.2, 0.6], loss))  # seed 1 only in b
-    _write(rows / "bbc_news", "a_d_seed2", None)  # recorded before the curves existed: skipped
-    kd_curve = _curves([], [], [31.0] * 20, kd=[0.8] * 10 + [0.2] * 10)["loss"]
-    akd = {"arms": {}, "stage1_curves": _curves([0.9] * 3, [0.9] * 3, loss)}  # ScaleOT's stage 1 in the same row
-    akd["uniform_drop_distillation"] = {"ot_uniform_drop_2-13-2_kd100": {"curve": kd_curve}}
-    (rows / "bbc_news" / "akd100_seed0.json").write_text(json.dumps(akd))
-    summary = module.summarise(rows)["bbc_news"]
-    published = summary["(d) ScaleOT, 100 steps"]
-    assert [(r["seed"], r["row"]) for r in published] == [(0, "a_d_seed0.json"), (1, "b_seed1.json")]
-    error = published[0]["error"]
-    assert error["median_first"] == pytest.approx(0.7) and error["median_last"] == pytest.approx(1.5)
-    assert error["worse_than_drop_first"] == 0.0 and error["worse_than_drop_last"] == pytest.approx(2 / 3)
-    assert error["max_last"] == pytest.approx(2.0)
-    assert published[0]["loss"]["loss_first"] == pytest.approx(8.0)
-    assert published[0]["loss"]["loss_last"] == pytest.approx(6.0)
-    kd = summary["(a) OT 2-13-2 + KD, 100 steps"][0]
-    assert kd["error"] is None and kd["loss"]["kd_first"] == pytest.approx(0.8) and kd["loss"]["kd_last"] == 0.2
-    text = module.markdown(module.summarise(rows), "rows")
-    assert (
-        "| bbc_news | (d) ScaleOT, 100 steps | 2 | 0.65 ± 0.07 | 1.35 ± 0.21 | 0% ± 0% | 67% ± 0% | 1.60 ± 0.57 |"
-        in text
+def _replace(**kw) -> LayerReplace:
+    args = {"adapter_bottom": 1, "adapter_top": 1, "harmonizer_rank": 8, "group_size": 2, "num_candidates": 2}
+    return LayerReplace(**args | kw, seed=0)
+
+
+class ZeroMap(torch.nn.Module):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(h)
+
+
+def test_harmonizer_error_is_one_for_a_layer_drop_and_follows_its_definition() -> None:
+    model = load_model("tiny-llama")
+    hidden = model.config.hidden_size
+    switches = install_switches(model, make_harmonizers(hidden, [1, 2], rank=8))
+    ids = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    errors = harmonizer_errors(model, switches, batch)
+    assert set(errors) == {1, 2}
+    assert all(e == pytest.approx(1.0, abs=1e-5) for e in errors.values())  # identity start: h_out - h_in missed
+
+    seen = {}
+    handle = switches[1].block.register_forward_hook(
+        lambda mod, args, kwargs, out: seen.update(
+            h_in=args[0] if args else kwargs["hidden_states"], h_out=out[0] if isinstance(out, tuple) else out
+        ),
+        with_kwargs=True,
     )
-    assert (
-        "| bbc_news | (a) OT 2-13-2 + KD, 100 steps | 1 | 31.000 | 31.000 | 31.000 → 31.000 | 0.800 → 0.200 |" in text
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    h_out = seen["h_out"]
+    expected = float((h_out**2).sum() / ((h_out - seen["h_in"]) ** 2).sum())
+    switches[1].harmonizer = ZeroMap()  # a harmonizer that outputs nothing misses all of h_out
+    assert harmonizer_errors(model, switches, batch)[1] == pytest.approx(expected, rel=1e-4)
+    assert expected != pytest.approx(1.0, abs=1e-3)
+    assert not any(s.replaced for s in switches.values())  # the switches are left on their blocks
+    assert len(get_blocks(model)) == 4
+
+
+def test_layer_replace_records_each_blocks_error_through_training_and_resumes_it(tiny_trainer) -> None:
+    module = HarmonizerImportance("tiny-llama", lr=5e-2)
+    replace = _replace(error_every=2)
+    tiny_trainer(max_steps=3, limit_train_batches=3, callbacks=[replace]).fit(module, datamodule=_LM())
+    assert [row["step"] for row in replace.error_curve] == [1, 2, 3]  # the first step, every 2nd, the last
+    assert all(set(row) == {"step", "1", "2"} for row in replace.error_curve)
+    first, last = replace.error_curve[0], replace.error_curve[-1]
+    assert all(math.isfinite(row[b]) and row[b] > 0 for row in replace.error_curve for b in ("1", "2"))
+    assert first["1"] != last["1"]  # the harmonizers trained between the measurements
+    again = _replace(error_every=2)
+    again.load_state_dict(replace.state_dict())
+    assert again.error_curve == replace.error_curve
+    off = _replace(error_every=0)
+    tiny_trainer(max_steps=1, callbacks=[off]).fit(HarmonizerImportance("tiny-llama"), datamodule=_LM())
+    assert off.error_curve == []
+    with pytest.raises(ValueError, match="error_every=-1"):
+        _replace(error_every=-1)
+
+
+def test_the_pipeline_report_carries_the_stage1_curves(tmp_path, tiny_trainer) -> None:
+    rng = random.Random(0)
+    rows = [f"{' '.join(rng.choice(WORDS[lab]) for _ in range(5))},{lab}" for lab in ["good", "bad"] * 20]
+    (tmp_path / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    export = EmulatorExport(str(tmp_path / "emu"), adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=0.75)
+    pipeline = OffsitePipeline(
+        str(tmp_path / "report"), task=str(tmp_path / "task.csv"), train_size=16, val_size=8, test_size=8,
+        max_length=16, batch_size=8, max_steps=1, lr=1e-2, template="Text: {text}\nSentiment:",
+        label_words=[" negative", " positive"], label_names=["bad", "good"],
+    )  # fmt: skip
+    callbacks = [_replace(error_every=1), export, pipeline]
+    tiny_trainer(max_steps=2, limit_train_batches=2, callbacks=callbacks).fit(
+        HarmonizerImportance("tiny-llama", lr=1e-2), datamodule=_LM()
     )
-
-
-def test_main_writes_its_files_and_refuses_a_missing_rows_folder(tmp_path) -> None:
-    module = _curves_module()
-    rows = tmp_path / "rows"
-    (rows / "tweets").mkdir(parents=True)
-    _write(rows / "tweets", "c_seed0", _curves([1.0, 1.0], [1.0, 1.0], [12.0] * 30))
-    written = module.main(["--rows", str(rows), "--out", str(tmp_path / "out")])
-    assert {Path(p).name for p in written} >= {"curves.json", "curves.md"}
-    assert (
-        "| tweets | (c) identity stand-ins, 100 steps | 1 | 1.00 | 1.00 | 0% | 0% | 1.00 |"
-        in (tmp_path / "out" / "curves.md").read_text()
-    )
-    with pytest.raises(SystemExit):
-        module.main(["--rows", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out2")])
-    assert not (tmp_path / "out2").exists()  # refused before anything was written
-
-
-def test_learned_scores_are_compared_with_leave_one_out_importance() -> None:
-    module = _curves_module()
-    loo = {"base_loss": 5.0, "rows": {str(i): {"dropped": 5.0 + i} for i in range(2, 8)}}  # deeper = more important
-    same = module.importance_vs_loo({str(i): 0.1 * i for i in range(2, 8)}, loo)
-    assert same == {"spearman": pytest.approx(1.0), "overlap": 3, "half": 3}
-    reversed_ = module.importance_vs_loo({str(i): -0.1 * i for i in range(2, 8)}, loo)
-    assert reversed_["spearman"] == pytest.approx(-1.0) and reversed_["overlap"] == 0
-    assert module.importance_vs_loo(None, loo) is None and module.importance_vs_loo({"2": 0.0}, None) is None
+    curves = json.loads((tmp_path / "report" / "offsite_report.json").read_text())["stage1_curves"]
+    assert curves["loss"]["step"] == [1, 2] and len(curves["loss"]["loss"]) == 2
+    assert all(math.isfinite(v) and v > 0 for v in curves["loss"]["loss"])
+    assert curves["harmonizer_error"]["step"] == [1, 2] and set(curves["harmonizer_error"]) == {"step", "1", "2"}
+    assert "layer drop" in curves["harmonizer_error_definition"]
+    markdown = (tmp_path / "report" / "offsite_report.md").read_text()
+    assert "| block 1 harmonizer: normalised error (step 1 → 2) |" in markdown
+    assert "| loss (step 1 → 2) |" in markdown
