@@ -41,7 +41,7 @@ Arms (``--arms``):
 * ``akd100``, ``akd300``, ``akd1000``: OT 2-13-2 distilled with OT's KD objective (λ_lm 1, λ_kd 30, lr 1e-4) for
   100 / 300 / 1000 steps on the owner's corpus, beside ScaleOT (d) in the same run
   (``OffsitePipeline(uniform_drop_distill_steps=N)``): distilled in process at the model owner and never written,
-  because after a few hundred steps at OT's learning rate its kept blocks are still within the leak check's 1 % of
+  because after 100 steps at OT's learning rate (measured) its kept blocks are still within the leak check's 1 % of
   the originals, so the export refuses it. The row's ScaleOT arm repeats (d)'s 100-step stage 1.
 
 Resumable per (arm, seed, task) row: a row whose result file exists is skipped, so rerunning the same command

@@ -9,8 +9,9 @@ objective ``λ_lm · CE + λ_kd · normalised KD`` on public text (:mod:`privtun
 Validation logs the emulator's LM loss and perplexity (``val/loss``, ``val/ppl``). Threat model: model
 owner only; the data owner later receives the exported emulator, never the teacher.
 
-A distilled uniform drop keeps the original kept blocks plus a few hundred small AdamW steps: at OT's learning rate
-(1e-4) on SmolLM2 they stay within the leak check's 1 % of the originals and the export refuses them. Offsite-Tuning
+A distilled uniform drop keeps the original kept blocks plus many small AdamW steps: at OT's learning rate
+(1e-4) on SmolLM2 they stay within the leak check's 1 % of the originals after 40 and after 100 steps, and the export
+refuses them. Offsite-Tuning
 with KD is measured at the model owner instead, in process and never written
 (``OffsitePipeline(uniform_drop_layers=k, uniform_drop_distill_steps=N)``).
 

@@ -148,8 +148,8 @@ class PipelineSettings:
             ``λ_kd = 30``, AdamW lr ``uniform_drop_distill_lr``, the globally normalised KD term) for this many
             steps on the model owner's public LM batches before the data owner tunes it (OT with KD, arm
             ``ot_uniform_drop_2-k-2_kd<steps>``); 0 keeps it undistilled. Built and distilled in process at the model
-            owner and never written: its kept blocks move by well under the leak check's 1 % in a few hundred steps,
-            so it could not be exported (:func:`~privtune.emulator.save_emulator_artifact` refuses it).
+            owner and never written: on SmolLM2 its kept blocks stay within the leak check's 1 % after 40 and after
+            100 steps, so it could not be exported (:func:`~privtune.emulator.save_emulator_artifact` refuses it).
         uniform_drop_distill_lr: AdamW learning rate of that distillation.
         scaleot_no_src: also tune and plug the exported ScaleOT emulator with its kept middle blocks put back
             uncompressed (ablation (e), ScaleOT without SRC; same positions, harmonizers and parameter count), built
