@@ -38,6 +38,10 @@ Arms (``--arms``):
 * ``dlr``: ScaleOT (d) with the harmonizers' learning rate at 1e-4 instead of 1e-3 (everything else as (d), the
   per-block warm start included): between (d), whose LM-only training moves the harmonizers away from their blocks,
   and (f), which keeps them where the warm start put them.
+* ``dim``: ScaleOT (d) with an imitation term beside stage 1's LM loss (``HarmonizerImportance(imitation_weight=1)``,
+  :data:`IMITATION_WEIGHT`): every harmonizer's normalised error against its own block, from one extra forward of
+  the original model per step, is added to the LM loss under Dynamic LayerReplace, so the harmonizers stay anchored
+  to their blocks (as in (f)) while still being tuned in context (as in (d)). Everything else as (d).
 * ``akd100``, ``akd300``, ``akd1000``: OT 2-13-2 distilled with OT's KD objective (λ_lm 1, λ_kd 30, lr 1e-4) for
   100 / 300 / 1000 steps on the owner's corpus, beside ScaleOT (d) in the same run
   (``OffsitePipeline(uniform_drop_distill_steps=N)``): distilled in process at the model owner and never written,
@@ -85,7 +89,9 @@ TASKS = {
 }
 ARMS = (
     "a_d", "b", "c", "e", "f", "g", "h", "d300", "d1000", "akd100", "akd300", "akd1000", "dfresh", "d300fresh", "dlr",
+    "dim",
 )  # fmt: skip
+IMITATION_WEIGHT = 1.0  # λ_im of the dim arm, fixed before its first row
 BASE_CONFIG = "configs/offsite_tuning/scaleot_pipeline_smollm2_bbc.yaml"  # ScaleOT (d) as published
 EMULATOR_LAYERS = 13  # OT 2-13-2: about the ScaleOT emulator's 0.66 of the parameters (α = 0.5 of 26: 13 replaced)
 
@@ -129,6 +135,8 @@ def row_config(base: dict[str, Any], arm: str, task: str, seed: int, root: Path)
         config["trainer"]["max_steps"] = int(arm[1:])
     elif arm == "dlr":
         config["model"]["init_args"]["lr"] = 1e-4
+    elif arm == "dim":
+        config["model"]["init_args"]["imitation_weight"] = IMITATION_WEIGHT
     elif arm in ("dfresh", "d300fresh"):
         steps = 300 if arm == "d300fresh" else config["trainer"]["max_steps"]
         config["trainer"]["max_steps"] = steps

@@ -362,3 +362,13 @@ def test_dlr_row_is_scaleot_with_a_tenth_of_the_harmonizer_learning_rate(tmp_pat
     row = ablation.row_config(base, "dlr", "bbc_news", 0, tmp_path)
     assert row["model"]["init_args"]["lr"] == pytest.approx(base["model"]["init_args"]["lr"] / 10)
     assert ablation._callback(row, "LayerReplace") == ablation._callback(base, "LayerReplace")  # warm start kept
+
+
+def test_dim_row_is_scaleot_with_the_imitation_term(tmp_path) -> None:
+    ablation = _ablation()
+    base = yaml.safe_load((REPO / ablation.BASE_CONFIG).read_text())
+    row = ablation.row_config(base, "dim", "tweets", 2, tmp_path)
+    assert base["model"]["init_args"].get("imitation_weight", 0.0) == 0.0  # the published stage 1: LM loss only
+    assert row["model"]["init_args"] == base["model"]["init_args"] | {"imitation_weight": ablation.IMITATION_WEIGHT}
+    assert ablation.IMITATION_WEIGHT > 0
+    assert ablation._callback(row, "LayerReplace") == ablation._callback(base, "LayerReplace")

@@ -145,6 +145,27 @@ def _block_io(model: nn.Module, switches: Mapping[int, LayerSwitch], batch: Mapp
     return captured
 
 
+def block_errors(
+    switches: Mapping[int, LayerSwitch], io: Mapping[int, tuple[Tensor, Tensor]], attention_mask: Tensor
+) -> dict[int, Tensor]:
+    """Each harmonizer's normalised error against its block: ``||H_i(h_in) - h_out||^2 / ||h_out - h_in||^2``.
+
+    Summed over the real tokens (``attention_mask`` ``[B, T]``) of the block's recorded input and output (``io``,
+    from :func:`_block_io`); ``1.0`` is a plain layer drop (an identity harmonizer), ``0`` the block itself. The
+    result keeps the harmonizers' autograd graph, so the one definition serves the warm start, the stage-1
+    imitation term and the diagnostic curve.
+    """
+    if not io:
+        return {}
+    mask = attention_mask.unsqueeze(-1).to(next(iter(io.values()))[0].dtype)  # [B, T, 1]
+    out = {}
+    for idx, switch in switches.items():
+        h_in, h_out = io[idx]
+        num = ((switch.harmonizer(h_in) - h_out) ** 2 * mask).sum()
+        out[idx] = num / (((h_out - h_in) ** 2 * mask).sum() + 1e-12)
+    return out
+
+
 def warm_start_harmonizers(
     model: nn.Module,
     switches: Mapping[int, LayerSwitch],
@@ -181,14 +202,8 @@ def warm_start_harmonizers(
     losses: list[float] = []
     for batch in batches:
         io = _block_io(model, switches, batch)
-        mask = batch["attention_mask"].unsqueeze(-1).to(next(iter(io.values()))[0].dtype)  # [B, T, 1]
         for _ in range(steps_per_batch):
-            errors = []
-            for idx, switch in switches.items():
-                h_in, h_out = io[idx]
-                num = ((switch.harmonizer(h_in) - h_out) ** 2 * mask).sum()
-                errors.append(num / (((h_out - h_in) ** 2 * mask).sum() + 1e-12))
-            loss = torch.stack(errors).mean()
+            loss = torch.stack(list(block_errors(switches, io, batch["attention_mask"]).values())).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from privtune.emulator import lm_loss
-from privtune.emulator.harmonizer import LayerSwitch, _block_io
-from privtune.models import load_model, load_tokenizer, resolve_model
+from privtune.emulator.harmonizer import LayerSwitch, _block_io, block_errors, set_replace_mask
+from privtune.models import get_blocks, load_model, load_tokenizer, resolve_model, unwrap
 from privtune.modules.optim import build_optimizer
 
 
@@ -49,15 +49,7 @@ def harmonizer_errors(
         io = _block_io(model, switches, batch)
     finally:
         model.train(was_training)
-    if not io:
-        return {}
-    mask = batch["attention_mask"].unsqueeze(-1).to(next(iter(io.values()))[0].dtype)  # [B, T, 1]
-    out = {}
-    for idx, switch in switches.items():
-        h_in, h_out = io[idx]
-        num = ((switch.harmonizer(h_in) - h_out) ** 2 * mask).sum()
-        out[idx] = float(num / (((h_out - h_in) ** 2 * mask).sum() + 1e-12))
-    return out
+    return {idx: float(error) for idx, error in block_errors(switches, io, batch["attention_mask"]).items()}
 
 
 class HarmonizerImportance(pl.LightningModule):
@@ -68,9 +60,16 @@ class HarmonizerImportance(pl.LightningModule):
         lr: harmonizer learning rate.
         optimizer: optimizer factory (YAML ``class_path``/``init_args``); AdamW by default.
         weight_decay: weight decay of the default AdamW.
+        imitation_weight: ``λ_im`` of an imitation term beside the LM loss (0 = off, the paper's LM-only stage 1):
+            ``L = CE(M[m]) + λ_im · mean_i ||H_i(h_in) - h_out||^2 / ||h_out - h_in||^2`` over every harmonizer,
+            with each block's input and output from one extra forward of the original model on the same batch
+            (:func:`~privtune.emulator.harmonizer.block_errors`, the warm start's objective). Decision, not in
+            ScaleOT (arXiv 2412.09812, which avoids a teacher-student term): under the LM-only loss the
+            harmonizers drift away from their blocks (docs/offsite_tuning.md "Stage 1 through training"); the
+            term keeps each one anchored to the block it stands for while the LM loss tunes it in context.
 
     Raises:
-        ValueError: for an unknown model or ``lr <= 0``, before any weight is loaded.
+        ValueError: for an unknown model, ``lr <= 0`` or ``imitation_weight < 0``, before any weight is loaded.
     """
 
     def __init__(
@@ -79,15 +78,19 @@ class HarmonizerImportance(pl.LightningModule):
         lr: float = 1e-3,
         optimizer: OptimizerCallable | None = None,
         weight_decay: float = 0.0,
+        imitation_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if not lr > 0:
             raise ValueError(f"`lr={lr}` must be > 0.")
+        if not imitation_weight >= 0:
+            raise ValueError(f"`imitation_weight={imitation_weight}` must be >= 0 (0: LM loss only, as published).")
         resolve_model(model)
         self.save_hyperparameters(ignore=["optimizer"])
         self.model_name = model
         self.lr = lr
         self.weight_decay = weight_decay
+        self.imitation_weight = imitation_weight
         self.optimizer_factory = optimizer
         self.tokenizer = load_tokenizer(model)
         self.model = load_model(model)
@@ -104,9 +107,32 @@ class HarmonizerImportance(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         if self.harmonizers and not self.trains_harmonizers():
             return None  # identity stand-ins: nothing to train; LayerReplace's RL step still runs after the batch
+        size = batch["input_ids"].shape[0]
+        imitation = self._imitation(batch) if self.imitation_weight else None
         loss = lm_loss(self.model, batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        if imitation is not None:
+            self.log_dict({"train/lm_loss": loss.detach(), "train/imitation": imitation.detach()}, batch_size=size)
+            loss = loss + self.imitation_weight * imitation
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
+
+    def _imitation(self, batch: dict[str, Tensor]) -> Tensor:
+        """Mean normalised error of every harmonizer against its block on ``batch`` (graph kept for backward).
+
+        One no-grad forward of the original model records each block's input and output; the replacement set
+        that :class:`~privtune.callbacks.layer_replace.LayerReplace` sampled for this step is put back before the
+        LM loss runs.
+        """
+        switches = {i: b for i, b in enumerate(get_blocks(unwrap(self.model))) if isinstance(b, LayerSwitch)}
+        if not switches:
+            raise ValueError(
+                "HarmonizerImportance(imitation_weight > 0) found no harmonizer in the model: add the LayerReplace "
+                "callback (privtune.callbacks.layer_replace.LayerReplace) to `trainer.callbacks`."
+            )
+        keep = {i: not switch.replaced for i, switch in switches.items()}
+        io = _block_io(self.model, switches, batch)
+        set_replace_mask(switches, keep)
+        return torch.stack(list(block_errors(switches, io, batch["attention_mask"]).values())).mean()
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
