@@ -54,10 +54,12 @@ SERIES = {
     "(c) identity stand-ins, 100 steps": ("c",),
     "(f) imitation only, 100 steps": ("f",),
     "(d) harmonizer lr 1e-4, 100 steps": ("dlr",),
+    "(d) + imitation term, 100 steps": ("dim",),
 }
 # OT 2-13-2 + KD: the ``akd<N>`` rows distil OT's uniform drop in process beside ScaleOT; its curve (LM and KD per
 # step) is the row's ``uniform_drop_distillation`` record of that arm (the row's ``stage1_curves`` are ScaleOT's)
 KD_SERIES = {f"(a) OT 2-13-2 + KD, {n} steps": (f"akd{n}", f"ot_uniform_drop_2-13-2_kd{n}") for n in (100, 300, 1000)}
+LOSS_PARTS = ("lm", "kd", "imitation")  # the parts of the owner's loss a row may carry beside the total
 WINDOW = 10  # steps averaged for the loss at the start and at the end of stage 1
 # leave-one-out importance measured on tweets, the owner's corpus of the BBC News rows (stage 1 of the default config)
 LOO = {"bbc_news": "benchmarks/results/offsite_loo_importance/loo.json"}
@@ -109,12 +111,13 @@ def error_summary(curves: dict[str, Any]) -> dict[str, float] | None:
 
 
 def loss_summary(curves: dict[str, Any]) -> dict[str, float] | None:
-    """The owner's loss (and its LM / KD parts where logged) averaged over the first and the last ``WINDOW`` steps."""
+    """The owner's loss (and its LM / KD / imitation parts where logged) averaged over the first and the last
+    ``WINDOW`` steps."""
     loss = curves.get("loss")
     if not loss or len(loss["step"]) < 2 * WINDOW:
         return None
     out = {}
-    for part in ("loss", "lm", "kd"):
+    for part in ("loss", *LOSS_PARTS):
         if part in loss:
             out[f"{part}_first"] = statistics.mean(loss[part][:WINDOW])
             out[f"{part}_last"] = statistics.mean(loss[part][-WINDOW:])
@@ -188,7 +191,7 @@ def _error_cells(errors: list[dict[str, float]]) -> list[str]:
 
 def _loss_cells(losses: list[dict[str, float]]) -> list[str]:
     cells = [_mean_sd([loss[f"loss_{end}"] for loss in losses], "{:.3f}") for end in ("first", "last")]
-    for part in ("lm", "kd"):
+    for part in LOSS_PARTS:
         if all(f"{part}_first" in loss for loss in losses):
             first, last = (_mean_sd([loss[f"{part}_{end}"] for loss in losses], "{:.3f}") for end in ("first", "last"))
             cells.append(f"{first} → {last}")
@@ -219,10 +222,12 @@ def markdown(summary: dict[str, Any], rows_rel: str) -> str:
     lines += [
         "",
         f"The owner's training loss, mean of the first and of the last {WINDOW} steps (ScaleOT: the LM loss of the "
-        "model with a sampled replaced set; OT + KD: λ_lm·LM + λ_kd·KD, with its two parts).",
+        "model with a sampled replaced set; with the imitation term: LM + λ_im·imitation, the mean normalised error "
+        "of every harmonizer against its block; OT + KD: λ_lm·LM + λ_kd·KD; each with its parts).",
         "",
-        "| task | stage 1 | n | loss, first | loss, last | LM, first → last | KD, first → last |",
-        "|---|---|---|---|---|---|---|",
+        "| task | stage 1 | n | loss, first | loss, last | LM, first → last | KD, first → last | "
+        "imitation, first → last |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += _table_rows(summary, "loss", _loss_cells)
     importance = _table_rows(summary, "importance_vs_loo", _importance_cells)

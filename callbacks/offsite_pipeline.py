@@ -207,13 +207,14 @@ class OffsitePipeline(pl.Callback):
         self._record_owner_step(trainer, args[0] if args else None)
 
     def _record_owner_step(self, trainer: pl.Trainer, outputs: Any) -> None:
-        """The model owner's loss this step, and its LM / KD parts when the module logs them (``train/lm``,
-        ``train/kd``: OT's emulator distillation), for the report's ``stage1_curves``."""
+        """The model owner's loss this step, and its parts when the module logs them (``train/lm`` and ``train/kd``:
+        OT's emulator distillation; ``train/lm`` and ``train/imitation``: ScaleOT's stage 1 with an imitation term),
+        for the report's ``stage1_curves``."""
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if not isinstance(loss, Tensor):
             return
         values = {"loss": float(loss)}
-        for name in ("lm", "kd"):
+        for name in ("lm", "kd", "imitation"):
             logged = trainer.callback_metrics.get(f"train/{name}")
             if isinstance(logged, Tensor):
                 values[name] = float(logged)
@@ -222,7 +223,7 @@ class OffsitePipeline(pl.Callback):
             self._owner_curves.setdefault(name, []).append(value)
 
     def stage1_curves(self, trainer: pl.Trainer) -> dict[str, Any]:
-        """``{"loss": {"step", "loss", ["lm", "kd"]}, "harmonizer_error": {"step", "<block>": [...]}}`` of this
+        """``{"loss": {"step", "loss", [parts]}, "harmonizer_error": {"step", "<block>": [...]}}`` of this
         process's model-owner steps (the error from :class:`~privtune.callbacks.layer_replace.LayerReplace`'s
         ``error_curve`` when it ran)."""
         curves: dict[str, Any] = {}

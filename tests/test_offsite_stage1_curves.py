@@ -87,7 +87,8 @@ def test_layer_replace_records_each_blocks_error_through_training_and_resumes_it
         _replace(error_every=-1)
 
 
-def test_the_pipeline_report_carries_the_stage1_curves(tmp_path, tiny_trainer) -> None:
+@pytest.mark.parametrize("imitation_weight", [0.0, 1.0])
+def test_the_pipeline_report_carries_the_stage1_curves(tmp_path, tiny_trainer, imitation_weight: float) -> None:
     rng = random.Random(0)
     rows = [f"{' '.join(rng.choice(WORDS[lab]) for _ in range(5))},{lab}" for lab in ["good", "bad"] * 20]
     (tmp_path / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
@@ -99,10 +100,15 @@ def test_the_pipeline_report_carries_the_stage1_curves(tmp_path, tiny_trainer) -
     )  # fmt: skip
     callbacks = [_replace(error_every=1), export, pipeline]
     tiny_trainer(max_steps=2, limit_train_batches=2, callbacks=callbacks).fit(
-        HarmonizerImportance("tiny-llama", lr=1e-2), datamodule=_LM()
+        HarmonizerImportance("tiny-llama", lr=1e-2, imitation_weight=imitation_weight), datamodule=_LM()
     )
     curves = json.loads((tmp_path / "report" / "offsite_report.json").read_text())["stage1_curves"]
     assert curves["loss"]["step"] == [1, 2] and len(curves["loss"]["loss"]) == 2
+    if imitation_weight:  # the two parts of the loss, each step: loss = lm + λ_im · imitation
+        parts = zip(curves["loss"]["loss"], curves["loss"]["lm"], curves["loss"]["imitation"])
+        assert all(total == pytest.approx(lm + imitation_weight * im, rel=1e-5) for total, lm, im in parts)
+    else:
+        assert set(curves["loss"]) == {"step", "loss"}
     assert all(math.isfinite(v) and v > 0 for v in curves["loss"]["loss"])
     assert curves["harmonizer_error"]["step"] == [1, 2] and set(curves["harmonizer_error"]) == {"step", "1", "2"}
     assert "layer drop" in curves["harmonizer_error_definition"]

@@ -48,6 +48,9 @@ def test_each_series_takes_one_row_per_seed_and_summarises_first_and_last(tmp_pa
     akd = {"arms": {}, "stage1_curves": _curves([0.9] * 3, [0.9] * 3, loss)}  # ScaleOT's stage 1 in the same row
     akd["uniform_drop_distillation"] = {"ot_uniform_drop_2-13-2_kd100": {"curve": kd_curve}}
     (rows / "bbc_news" / "akd100_seed0.json").write_text(json.dumps(akd))
+    dim = _curves([0.5] * 3, [0.4] * 3, [4.0] * 20)
+    dim["loss"] |= {"lm": [3.5] * 20, "imitation": [0.6] * 10 + [0.4] * 10}  # loss = lm + λ_im · imitation
+    _write(rows / "bbc_news", "dim_seed0", dim)
     summary = module.summarise(rows)["bbc_news"]
     published = summary["(d) ScaleOT, 100 steps"]
     assert [(r["seed"], r["row"]) for r in published] == [(0, "a_d_seed0.json"), (1, "b_seed1.json")]
@@ -65,7 +68,11 @@ def test_each_series_takes_one_row_per_seed_and_summarises_first_and_last(tmp_pa
         in text
     )
     assert (
-        "| bbc_news | (a) OT 2-13-2 + KD, 100 steps | 1 | 31.000 | 31.000 | 31.000 → 31.000 | 0.800 → 0.200 |" in text
+        "| bbc_news | (a) OT 2-13-2 + KD, 100 steps | 1 | 31.000 | 31.000 | 31.000 → 31.000 | 0.800 → 0.200 | – |"
+        in text
+    )
+    assert (
+        "| bbc_news | (d) + imitation term, 100 steps | 1 | 4.000 | 4.000 | 3.500 → 3.500 | – | 0.600 → 0.400 |" in text
     )
 
 

@@ -111,7 +111,7 @@ class HarmonizerImportance(pl.LightningModule):
         imitation = self._imitation(batch) if self.imitation_weight else None
         loss = lm_loss(self.model, batch)
         if imitation is not None:
-            self.log_dict({"train/lm_loss": loss.detach(), "train/imitation": imitation.detach()}, batch_size=size)
+            self.log_dict({"train/lm": loss.detach(), "train/imitation": imitation.detach()}, batch_size=size)
             loss = loss + self.imitation_weight * imitation
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
