@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from privtune.callbacks.layer_replace import LayerReplace
-from privtune.emulator import install_switches, make_harmonizers, set_replace_mask
-from privtune.modules.offsite_importance import HarmonizerImportance
+from privtune.emulator import install_switches, lm_loss, make_harmonizers, set_replace_mask
+from privtune.modules.offsite_importance import HarmonizerImportance, harmonizer_errors
 
 
 class _LM(pl.LightningDataModule):
@@ -62,10 +62,12 @@ def test_the_loss_is_the_lm_loss_plus_the_weighted_mean_normalised_error() -> No
     batch = _batch()
     with torch.no_grad():
         total = float(module.training_step(batch, 0))
-        imitation = float(module._imitation(batch))
-        lm = float(module.training_step(batch, 0)) - 3.0 * imitation
+        lm = float(lm_loss(module.model, batch))  # the sampled set: block 1 replaced
+        errors = harmonizer_errors(module.model, switches, batch)  # the diagnostic's path (no block left replaced)
+    imitation = statistics.mean(errors.values())
     assert imitation != pytest.approx(1.0, abs=1e-3)
     assert total == pytest.approx(lm + 3.0 * imitation, rel=1e-5)
+    set_replace_mask(switches, {1: False})
     module.imitation_weight = 0.0
     with torch.no_grad():
         assert float(module.training_step(batch, 0)) == pytest.approx(lm, rel=1e-5)

@@ -130,8 +130,10 @@ class HarmonizerImportance(pl.LightningModule):
                 "callback (privtune.callbacks.layer_replace.LayerReplace) to `trainer.callbacks`."
             )
         keep = {i: not switch.replaced for i, switch in switches.items()}
-        io = _block_io(self.model, switches, batch)
-        set_replace_mask(switches, keep)
+        try:
+            io = _block_io(self.model, switches, batch)
+        finally:
+            set_replace_mask(switches, keep)
         return torch.stack(list(block_errors(switches, io, batch["attention_mask"]).values())).mean()
 
     @override
