@@ -81,6 +81,7 @@ sys.path.insert(0, str(ROOT))
 
 from privtune.callbacks.offsite_pipeline import STAGE1_SECONDS  # noqa: E402
 from privtune.eval.provenance import commit_paths, run_provenance  # noqa: E402
+from privtune.recipes.offsite import KEPT_ERROR_ROW  # noqa: E402
 
 TASKS = {
     # task: (the owner's public corpus, tokens per example) -- as in the two pipeline configs
@@ -229,7 +230,10 @@ def owner_budget(out: Path, task: str) -> dict[str, dict[int, list[dict[str, flo
 
     The owner's seconds are ScaleOT's stage 1 (the row's ``stage_seconds``) or OT's in-process distillation (the
     row's ``uniform_drop_distillation``), 0 for OT's plain drop. The CPU seconds are the whole row's (``train.py``'s
-    process, all five settings and every arm), recorded from the rows that carry them.
+    process, all five settings and every arm), recorded from the rows that carry them. ``kept_min_rel_error`` is
+    the smallest relative error of a kept matrix to its original (the leak check refuses an export below 1e-2):
+    ScaleOT's exported emulator's, the distilled drop's ``kept_closeness`` (NaN in rows from before either was
+    recorded), 0 for the plain drop.
     """
     series: dict[str, dict[int, list[dict[str, float]]]] = {}
     for label, points in BUDGET_POINTS.items():
@@ -241,14 +245,19 @@ def owner_budget(out: Path, task: str) -> dict[str, dict[int, list[dict[str, flo
                 distilled = report.get("uniform_drop_distillation", {})
                 if arm in distilled:
                     owner = float(distilled[arm]["seconds"])
-                else:
-                    owner = float(report["stage_seconds"].get(STAGE1_SECONDS, 0.0)) if steps else 0.0
+                    kept = float(distilled[arm].get("kept_closeness", {}).get("min_rel_error", float("nan")))
+                elif arm == "scaleot":
+                    owner = float(report["stage_seconds"].get(STAGE1_SECONDS, 0.0))
+                    kept = float(report["emulator"].get(KEPT_ERROR_ROW, "nan–").split("–")[0])
+                else:  # OT's undistilled drop: its kept blocks are the original blocks
+                    owner, kept = 0.0, 0.0
                 series.setdefault(label, {}).setdefault(steps, []).append(
                     {
                         "seed": int(path.stem.rsplit("_seed", 1)[1]),
                         "plug_in": 100 * report["arms"][arm]["plug_in"],
                         "stage1_seconds": owner,
                         "cpu_seconds": float(report.get("row", {}).get("cpu_seconds", float("nan"))),
+                        "kept_min_rel_error": kept,
                     }
                 )
     return series
@@ -260,19 +269,23 @@ def budget_lines(out: Path) -> list[str]:
         "",
         "Owner budget: plug-in accuracy (%) against the model owner's stage-1 / distillation steps, mean ± std over "
         "the seeds that have landed (n); the owner's wall seconds (stage 1 or distillation) and the whole row's CPU "
-        "seconds (where recorded), mean. 0 steps: OT's undistilled uniform drop (the `a_d` rows).",
+        "seconds (where recorded), mean; the smallest relative error of a kept matrix to its original, mean (where "
+        "recorded; the leak check refuses an export below 0.01). 0 steps: OT's undistilled uniform drop (the `a_d` "
+        "rows).",
         "",
-        "| task | series | owner steps | n | plug-in | owner wall s | row CPU s |",
-        "|---|---|---|---|---|---|---|",
+        "| task | series | owner steps | n | plug-in | owner wall s | row CPU s | kept matrices' min rel. error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for task in TASKS:
         for label, points in owner_budget(out, task).items():
             for steps, values in sorted(points.items()):
                 cpu = [v["cpu_seconds"] for v in values if v["cpu_seconds"] == v["cpu_seconds"]]
+                kept = [v["kept_min_rel_error"] for v in values if v["kept_min_rel_error"] == v["kept_min_rel_error"]]
                 lines.append(
                     f"| {task} | {label} | {steps} | {len(values)} | {_mean_sd([v['plug_in'] for v in values])} | "
                     f"{statistics.mean(v['stage1_seconds'] for v in values):.0f} | "
-                    f"{f'{statistics.mean(cpu):.0f}' if cpu else '–'} |"
+                    f"{f'{statistics.mean(cpu):.0f}' if cpu else '–'} | "
+                    f"{f'{statistics.mean(kept):.3f} (n={len(kept)})' if kept else '–'} |"
                 )
     return lines
 

@@ -281,7 +281,14 @@ def test_h_row_is_scaleot_with_measured_importance_and_parses(tmp_path) -> None:
 # --- owner-budget scaling: the summary's table and plot -----------------------------------------------------------
 
 
-def _row(arms: dict[str, float], stage1: float, cpu: float | None = None, distill: float | None = None) -> dict:
+def _row(
+    arms: dict[str, float],
+    stage1: float,
+    cpu: float | None = None,
+    distill: float | None = None,
+    kept: str | None = None,
+    kept_distilled: float | None = None,
+) -> dict:
     report = {
         "settings": {"full_zs": {"acc": 0.5}, "ft": {"acc": 0.9}},
         "arms": {
@@ -289,11 +296,13 @@ def _row(arms: dict[str, float], stage1: float, cpu: float | None = None, distil
             for name, plug in arms.items()
         },
         "stage_seconds": {"stage-1 / distillation (fit)": stage1},
+        "emulator": {"kept matrices: relative error to the original (min–max)": kept} if kept else {},
     }
     if cpu is not None:
         report["row"] = {"cpu_seconds": cpu}
     if distill is not None:  # the in-process OT + KD arm's record
-        report["uniform_drop_distillation"] = {n: {"seconds": distill} for n in arms if "_kd" in n}
+        near = {} if kept_distilled is None else {"kept_closeness": {"min_rel_error": kept_distilled}}
+        report["uniform_drop_distillation"] = {n: {"seconds": distill} | near for n in arms if "_kd" in n}
     return report
 
 
@@ -303,8 +312,10 @@ def test_owner_budget_table_pairs_each_point_with_its_row_and_arm(tmp_path) -> N
     rows = {
         "a_d_seed0": _row({"scaleot": 0.70, ot: 0.80}, 100.0),
         "a_d_seed1": _row({"scaleot": 0.60, ot: 0.90}, 120.0),
-        "d300_seed0": _row({"scaleot": 0.75, ot: 0.80}, 300.0, cpu=900.0),
-        "akd100_seed0": _row({"scaleot": 0.71, f"{ot}_kd100": 0.85}, 90.0, cpu=500.0, distill=40.0),
+        "d300_seed0": _row({"scaleot": 0.75, ot: 0.80}, 300.0, cpu=900.0, kept="0.019–0.300"),
+        "akd100_seed0": _row(
+            {"scaleot": 0.71, f"{ot}_kd100": 0.85}, 90.0, cpu=500.0, distill=40.0, kept_distilled=0.004
+        ),
     }
     (tmp_path / "bbc_news").mkdir()
     for name, report in rows.items():
@@ -318,8 +329,10 @@ def test_owner_budget_table_pairs_each_point_with_its_row_and_arm(tmp_path) -> N
     assert kd[100][0]["plug_in"] == pytest.approx(85.0) and kd[100][0]["cpu_seconds"] == 500.0
     assert kd[100][0]["stage1_seconds"] == 40.0  # the owner's distillation, not the row's ScaleOT stage 1
     lines = ablation.budget_lines(tmp_path)
-    assert "| bbc_news | (d) ScaleOT | 100 | 2 | 65.0 ± 7.1 | 110 | – |" in lines
-    assert "| bbc_news | (d) ScaleOT | 300 | 1 | 75.0 | 300 | 900 |" in lines
+    assert "| bbc_news | (d) ScaleOT | 100 | 2 | 65.0 ± 7.1 | 110 | – | – |" in lines  # rows before the record
+    assert "| bbc_news | (d) ScaleOT | 300 | 1 | 75.0 | 300 | 900 | 0.019 (n=1) |" in lines  # the export's own
+    assert "| bbc_news | (a) OT 2-13-2 + KD | 0 | 2 | 85.0 ± 7.1 | 0 | – | 0.000 (n=2) |" in lines  # the originals
+    assert "| bbc_news | (a) OT 2-13-2 + KD | 100 | 1 | 85.0 | 40 | 500 | 0.004 (n=1) |" in lines  # distilled
     written = ablation.write_summary(tmp_path)
     summary = (tmp_path / "summary.md").read_text()
     d300 = next(line for line in summary.splitlines() if line.startswith("| bbc_news | d300: scaleot |"))

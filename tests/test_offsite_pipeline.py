@@ -42,6 +42,7 @@ from privtune.recipes.offsite import (
     PipelineSettings,
     ScaleOTStage1,
     generate_scaleot_emulator,
+    kept_closeness_record,
     plugged_classifier,
 )
 
@@ -445,6 +446,9 @@ def test_uniform_drop_distilled_in_process_with_ots_objective(tmp_path, syntheti
     assert record["steps"] == 6 and record["lr"] == 1e-3 and record["curve"]["step"] == [1, 2, 3, 4, 5, 6]
     kd = record["curve"]["kd"]
     assert kd[4] < kd[0] and kd[5] < kd[1]  # the same batches (two, cycled) a few steps later: closer
+    near = record["kept_closeness"]  # the one kept block's seven matrices, moved by the distillation, not replaced
+    assert near["matrices"] == 7 and near["threshold"] == 1e-2
+    assert 0.0 < near["min_rel_error"] <= near["median_rel_error"] < 1.0 and near["max_cosine"] > 0.9
     assert any("model owner's distillation (6 steps)" in k for k in report["stage_seconds"])
     assert (
         "ot_uniform_drop_1-1-1_kd6: model owner's distillation"
@@ -455,6 +459,20 @@ def test_uniform_drop_distilled_in_process_with_ots_objective(tmp_path, syntheti
     adapters = tmp_path / "report" / "adapters_ot_uniform_drop_1-1-1_kd6"
     assert {p.parent if p.is_file() else p for p in arm_paths} == {adapters}
     assert {p.name for p in adapters.iterdir()} == {p.name for p in (tmp_path / "report" / "adapters").iterdir()}
+
+
+def test_kept_closeness_record_counts_the_matrices_the_leak_check_would_refuse() -> None:
+    closeness = {
+        f"1.m{i}": {"original": f"layers.{i}.m", "rel_error": err, "cosine": cos}
+        for i, (err, cos) in enumerate([(0.004, 0.99999), (0.02, 0.9998), (0.3, 0.95)])
+    }
+    record = kept_closeness_record(closeness)
+    assert record == {
+        "matrices": 3, "threshold": 1e-2, "below_threshold": 1, "min_rel_error": 0.004, "median_rel_error": 0.02,
+        "max_cosine": 0.99999,
+    }  # fmt: skip
+    assert kept_closeness_record(closeness, threshold=0.5)["below_threshold"] == 3
+    assert kept_closeness_record({}) == {"matrices": 0, "threshold": 1e-2, "below_threshold": 0}
 
 
 def test_pipeline_refusals(tmp_path, synthetic_csv, tiny_trainer) -> None:

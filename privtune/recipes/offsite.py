@@ -67,6 +67,7 @@ from privtune.emulator import (
 )
 from privtune.emulator.artifact import artifact_summary
 from privtune.emulator.harmonizer import LayerSwitch
+from privtune.emulator.leak_check import DEFAULT_MIN_REL_ERROR, kept_matrix_closeness
 from privtune.eval.offsite_report import OffsiteReport, privacy_gap
 from privtune.models import get_blocks, load_model, unwrap
 from privtune.modules.classifier import TextClassifier
@@ -711,7 +712,9 @@ class OffsiteRecipe:
 
         OT (arXiv 2302.04870, §2.3): ``λ_lm · LM + λ_kd · KD`` with λ_lm = 1, λ_kd = 30, the globally normalised KD
         term, AdamW at ``uniform_drop_distill_lr``, on the owner's public LM ``batches`` (cycled), in place and on
-        the nested Trainers' device. Returns ``{"steps", "lr", "seconds", "curve": {"step", "loss", "lm", "kd"}}``.
+        the nested Trainers' device. Returns ``{"steps", "lr", "seconds", "curve": {"step", "loss", "lm", "kd"},
+        "kept_closeness"}``: how far the distilled kept blocks moved from their originals
+        (:func:`kept_closeness_record`), i.e. whether the leak check would let this emulator be exported.
         """
         s = self.settings
         device = self.trainers.device
@@ -736,8 +739,18 @@ class OffsiteRecipe:
             teacher, emulator.model.to(device), emulator.plan, moved, steps, s.uniform_drop_distill_lr,
             on_step=record,
         )  # fmt: skip
+        seconds = time.perf_counter() - start
         emulator.model.cpu()
-        return {"steps": steps, "lr": s.uniform_drop_distill_lr, "seconds": time.perf_counter() - start, "curve": curve}
+        closeness = kept_closeness_record(kept_matrix_closeness(emulator.model, teacher.cpu(), emulator.plan))
+        progress(
+            f"{arm}: distilled kept blocks at relative error >= {closeness['min_rel_error']:.2e} from their "
+            f"originals ({closeness['below_threshold']} of {closeness['matrices']} matrices below the leak check's "
+            f"{closeness['threshold']:g})"
+        )
+        return {
+            "steps": steps, "lr": s.uniform_drop_distill_lr, "seconds": seconds, "curve": curve,
+            "kept_closeness": closeness,
+        }  # fmt: skip
 
     def extraction(self, model_name: str, emulator_dir: str, datamodule: pl.LightningDataModule) -> dict[str, float]:
         """The extraction attacker's accuracy: the data owner fine-tunes every parameter of the shipped emulator
@@ -920,12 +933,40 @@ class OffsiteRecipe:
             for name, record in distillations.items():
                 title = f"{name}: model owner's distillation, {record['seconds']:.1f} s"
                 lines += stage1_curve_lines({"loss": record["curve"]}, title)
+                near = record.get("kept_closeness", {})
+                if near.get("matrices"):
+                    lines.append(
+                        "- kept blocks after distillation: relative error to their originals "
+                        f"{near['min_rel_error']:.2e} (smallest) / {near['median_rel_error']:.2e} (median); "
+                        f"{near['below_threshold']} of "
+                        f"{near['matrices']} matrices below the leak check's {near['threshold']:g}"
+                        + (" (the export would refuse this emulator)" if near["below_threshold"] else "")
+                    )
         out = report.to_dict() | keys
         markdown = report.markdown() + ("\n" + "\n".join(lines) if lines else "")
         if keys:
             _extend_report(out_dir, keys, lines)
         rank_zero_info("\n" + markdown)
         return out
+
+
+def kept_closeness_record(
+    closeness: Mapping[str, Mapping[str, Any]], threshold: float = DEFAULT_MIN_REL_ERROR
+) -> dict[str, Any]:
+    """Summary of :func:`~privtune.emulator.leak_check.kept_matrix_closeness`: the smallest and median relative
+    error of the kept matrices to their originals, the largest cosine, and how many sit below the leak check's
+    ``threshold`` (any one of them makes the export refuse the emulator)."""
+    errors = sorted(float(c["rel_error"]) for c in closeness.values())
+    if not errors:
+        return {"matrices": 0, "threshold": threshold, "below_threshold": 0}
+    return {
+        "matrices": len(errors),
+        "threshold": threshold,
+        "below_threshold": sum(e < threshold for e in errors),
+        "min_rel_error": errors[0],
+        "median_rel_error": errors[len(errors) // 2],
+        "max_cosine": max(float(c["cosine"]) for c in closeness.values()),
+    }
 
 
 def stage1_curve_lines(curves: Mapping[str, Any], title: str = "model owner's stage 1") -> list[str]:
@@ -956,6 +997,10 @@ def _extend_report(folder: Path, keys: Mapping[str, Any], markdown: Sequence[str
     md.write_text(md.read_text() + "\n".join(markdown) + "\n")
 
 
+#: The report's emulator row with the kept matrices' relative error to their originals, ``"<min>–<max>"``.
+KEPT_ERROR_ROW = "kept matrices: relative error to the original (min–max)"
+
+
 def _closeness_rows(emulator_dir: str) -> dict[str, str]:
     """The owner's leak-check record summarised for the report: how close each kept matrix is to its original
     (relative error and cosine, min–max over matrices) and the nearest any emulator matrix came to an original."""
@@ -965,7 +1010,7 @@ def _closeness_rows(emulator_dir: str) -> dict[str, str]:
     rows = {}
     if closeness.get("kept_rel_error_range"):
         lo, hi = closeness["kept_rel_error_range"]
-        rows["kept matrices: relative error to the original (min–max)"] = f"{lo:.3f}–{hi:.3f}"
+        rows[KEPT_ERROR_ROW] = f"{lo:.3f}–{hi:.3f}"
     if closeness.get("kept_cosine_range"):
         lo, hi = closeness["kept_cosine_range"]
         rows["kept matrices: cosine to the original (min–max)"] = f"{lo:.3f}–{hi:.3f}"
