@@ -51,12 +51,14 @@ Arms (``--arms``):
 Resumable per (arm, seed, task) row: a row whose result file exists is skipped, so rerunning the same command
 continues where it stopped. Each result (the row's report: five settings, arms, sizes, stage times, command,
 commit, date) lands in ``--out/<task>/<arm>_seed<seed>.json``; ``--commit`` commits each file as it lands.
-``summary.md`` (mean ± std per arm and task) is rewritten after every row. Wall times are those of a shared
-2-core machine unless the row says otherwise.
+``summary.md`` (mean ± std per arm and task) is rewritten after every row, and so is the generated block of each
+``--docs`` file (committed with the row), so that a guide never shows a table its result files no longer hold.
+Wall times are those of a shared 2-core machine unless the row says otherwise.
 
 Run::
 
-    HF_HUB_OFFLINE=1 nohup nice -n 5 python benchmarks/offsite_ablation.py --commit > runs/offsite_ablation.log &
+    HF_HUB_OFFLINE=1 nohup nice -n 5 python benchmarks/offsite_ablation.py --commit --docs docs/offsite_tuning.md \\
+        > runs/offsite_ablation.log &
     python benchmarks/offsite_ablation.py --summarise-only --docs docs/offsite_tuning.md
 """
 
@@ -327,6 +329,19 @@ def write_summary(out: Path) -> list[str]:
     return [str(out / "summary.md")] + ([str(plot)] if plot is not None else [])
 
 
+def update_docs(out: Path, docs: list[str]) -> list[str]:
+    """Rewrite the ``offsite-ablation`` block of each of ``docs`` from ``summary.md``; the paths it rewrote."""
+    from privtune.eval.includes import replace_block
+
+    try:
+        rel = out.resolve().relative_to(ROOT).as_posix()
+    except ValueError:  # a results folder outside the repository is cited as given
+        rel = out.as_posix()
+    for doc in docs:
+        replace_block(doc, "offsite-ablation", (out / "summary.md").read_text(), [f"{rel}/summary.md", rel])
+    return list(docs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=BASE_CONFIG, help="the base every row config is written from")
@@ -337,11 +352,17 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/offsite_ablation")
     parser.add_argument("--commit", action="store_true", help="git-commit each result file as it lands")
     parser.add_argument("--summarise-only", action="store_true", help="only rewrite summary.md from the rows")
-    parser.add_argument("--docs", nargs="*", default=[], help="Markdown files with an offsite-ablation block")
+    parser.add_argument(
+        "--docs", nargs="*", default=[], help="Markdown files whose offsite-ablation block follows each row"
+    )
     args = parser.parse_args()
     refused = [a for a in args.arms if a not in ARMS]
     if refused:
         parser.error(f"--arms {refused}: unknown; runnable: {ARMS}")
+    for doc in args.docs:  # checked before any row runs: a row must not end on a guide it cannot update
+        text = Path(doc).read_text() if Path(doc).is_file() else None
+        if text is None or "<!-- offsite-ablation -->" not in text or "<!-- /offsite-ablation -->" not in text:
+            parser.error(f"--docs {doc}: not a Markdown file with an <!-- offsite-ablation --> ... block")
 
     base = yaml.safe_load(Path(args.config).read_text())
     work, out = Path(args.work), Path(args.out)
@@ -377,7 +398,7 @@ def main() -> None:
                 }  # fmt: skip
                 result.parent.mkdir(parents=True, exist_ok=True)
                 result.write_text(json.dumps(report, indent=2, default=str) + "\n")
-                written = write_summary(out)
+                written = write_summary(out) + update_docs(out, args.docs)
                 print(f"{task} {arm} seed {seed}: " + json.dumps(report["arms"]), flush=True)
                 if args.commit:
                     paths = [str(result), *written]
@@ -386,12 +407,7 @@ def main() -> None:
                     )
     if args.summarise_only:
         write_summary(out)
-    if args.docs:
-        from privtune.eval.includes import replace_block
-
-        rel = out.resolve().relative_to(ROOT).as_posix()
-        for doc in args.docs:
-            replace_block(doc, "offsite-ablation", (out / "summary.md").read_text(), [f"{rel}/summary.md", rel])
+    update_docs(out, args.docs)
 
 
 if __name__ == "__main__":

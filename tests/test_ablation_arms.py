@@ -344,6 +344,32 @@ def test_owner_budget_table_pairs_each_point_with_its_row_and_arm(tmp_path) -> N
         assert str(tmp_path / "owner_budget.png") in written and (tmp_path / "owner_budget.png").stat().st_size > 0
 
 
+def test_each_row_rewrites_the_guides_generated_block(tmp_path) -> None:
+    """A row that lands rewrites the guide's block from the new summary, so the guide never cites a stale table."""
+    ablation = _ablation()
+    ot = f"ot_uniform_drop_2-{ablation.EMULATOR_LAYERS}-2"
+    (tmp_path / "bbc_news").mkdir()
+    (tmp_path / "bbc_news" / "a_d_seed0.json").write_text(json.dumps(_row({"scaleot": 0.70, ot: 0.80}, 100.0)))
+    doc = tmp_path / "guide.md"
+    doc.write_text("# Guide\n\n<!-- offsite-ablation -->\nold table\n<!-- /offsite-ablation -->\n\nprose\n")
+    ablation.write_summary(tmp_path)
+    assert ablation.update_docs(tmp_path, [str(doc)]) == [str(doc)]
+    text = doc.read_text()
+    assert "old table" not in text and text.endswith("<!-- /offsite-ablation -->\n\nprose\n")
+    assert "| bbc_news | a_d: scaleot | 1 |" in text and f"<!-- result: {tmp_path.as_posix()}/summary.md" in text
+
+
+def test_a_guide_without_the_block_is_refused_before_any_row_runs(tmp_path, monkeypatch) -> None:
+    ablation = _ablation()
+    doc = tmp_path / "guide.md"
+    doc.write_text("# Guide without the generated block\n")
+    argv = ["offsite_ablation.py", "--arms", "a_d", "--seeds", "0", "--tasks", "bbc_news", "--docs", str(doc)]
+    monkeypatch.setattr(sys, "argv", argv + ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exited:
+        ablation.main()
+    assert exited.value.code == 2 and not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
 def test_ablation_rows_start_from_scaleot_as_published_not_from_the_main_jobs_defaults() -> None:
     """The rows that ran stay reproducible when the main job's defaults change: their base is the published recipe."""
     ablation = _ablation()
