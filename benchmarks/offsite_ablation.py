@@ -46,7 +46,8 @@ Arms (``--arms``):
   100 / 300 / 1000 steps on the owner's corpus, beside ScaleOT (d) in the same run
   (``OffsitePipeline(uniform_drop_distill_steps=N)``): distilled in process at the model owner and never written,
   because after 100 steps at OT's learning rate (measured) its kept blocks are still within the leak check's 1 % of
-  the originals, so the export refuses it. The row's ScaleOT arm repeats (d)'s 100-step stage 1.
+  the originals, so the export refuses it (each row records the distance its distillation reached). The row's
+  ScaleOT arm repeats (d)'s 100-step stage 1.
 
 Resumable per (arm, seed, task) row: a row whose result file exists is skipped, so rerunning the same command
 continues where it stopped. Each result (the row's report: five settings, arms, sizes, stage times, command,
