@@ -714,7 +714,8 @@ class OffsiteRecipe:
         term, AdamW at ``uniform_drop_distill_lr``, on the owner's public LM ``batches`` (cycled), in place and on
         the nested Trainers' device. Returns ``{"steps", "lr", "seconds", "curve": {"step", "loss", "lm", "kd"},
         "kept_closeness"}``: how far the distilled kept blocks moved from their originals
-        (:func:`kept_closeness_record`), i.e. whether the leak check would let this emulator be exported.
+        (:func:`kept_closeness_record`; plain relative error, which the export's leak check, minimising over
+        alignments, can only undercut: below its threshold the export would refuse this emulator).
         """
         s = self.settings
         device = self.trainers.device
@@ -742,11 +743,12 @@ class OffsiteRecipe:
         seconds = time.perf_counter() - start
         emulator.model.cpu()
         closeness = kept_closeness_record(kept_matrix_closeness(emulator.model, teacher.cpu(), emulator.plan))
-        progress(
-            f"{arm}: distilled kept blocks at relative error >= {closeness['min_rel_error']:.2e} from their "
-            f"originals ({closeness['below_threshold']} of {closeness['matrices']} matrices below the leak check's "
-            f"{closeness['threshold']:g})"
-        )
+        if closeness["matrices"]:
+            progress(
+                f"{arm}: distilled kept blocks at relative error >= {closeness['min_rel_error']:.2e} from their "
+                f"originals ({closeness['below_threshold']} of {closeness['matrices']} matrices below the leak "
+                f"check's {closeness['threshold']:g})"
+            )
         return {
             "steps": steps, "lr": s.uniform_drop_distill_lr, "seconds": seconds, "curve": curve,
             "kept_closeness": closeness,
