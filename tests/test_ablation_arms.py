@@ -344,8 +344,8 @@ def test_owner_budget_table_pairs_each_point_with_its_row_and_arm(tmp_path) -> N
         assert str(tmp_path / "owner_budget.png") in written and (tmp_path / "owner_budget.png").stat().st_size > 0
 
 
-def test_each_row_rewrites_the_guides_generated_block(tmp_path) -> None:
-    """A row that lands rewrites the guide's block from the new summary, so the guide never cites a stale table."""
+def test_update_docs_rewrites_the_guides_generated_block(tmp_path) -> None:
+    """What each landing row calls: the guide's block is rewritten from the new summary, never left stale."""
     ablation = _ablation()
     ot = f"ot_uniform_drop_2-{ablation.EMULATOR_LAYERS}-2"
     (tmp_path / "bbc_news").mkdir()

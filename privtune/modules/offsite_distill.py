@@ -12,9 +12,8 @@ owner only; the data owner later receives the exported emulator, never the teach
 A distilled uniform drop keeps the original kept blocks plus many small AdamW steps: at OT's learning rate
 (1e-4) on SmolLM2 they stay within the leak check's 1 % of the originals after 40 and after 100 steps, and the export
 refuses them at fit end; after 1000 steps of 2-13-2 the nearest was at 1.3 % (one seed, plain relative error), just
-past it. How far they will
-move is known only once trained, so the refusal cannot come before the steps. Offsite-Tuning with KD is measured at
-the model owner instead, in process and never written
+past it. How far they will move is known only once trained, so the refusal cannot come before the steps.
+Offsite-Tuning with KD is measured at the model owner instead, in process and never written
 (``OffsitePipeline(uniform_drop_layers=k, uniform_drop_distill_steps=N)``, which records that distance).
 
 Example (GradOT: its compression moves every kept matrix away from the original)::

@@ -714,8 +714,8 @@ class OffsiteRecipe:
         term, AdamW at ``uniform_drop_distill_lr``, on the owner's public LM ``batches`` (cycled), in place and on
         the nested Trainers' device. Returns ``{"steps", "lr", "seconds", "curve": {"step", "loss", "lm", "kd"},
         "kept_closeness"}``: how far the distilled kept blocks moved from their originals
-        (:func:`kept_closeness_record`; plain relative error, which the export's leak check, minimising over
-        alignments, can only undercut: below its threshold the export would refuse this emulator).
+        (:func:`kept_closeness_record`; plain relative error: the export's leak check, minimising over alignments,
+        gives at most about this, so below its threshold the export would refuse this emulator).
         """
         s = self.settings
         device = self.trainers.device
