@@ -49,8 +49,13 @@ Arms (``--arms``):
   the originals, so the export refuses it (each row records the distance its distillation reached). The row's
   ScaleOT arm repeats (d)'s 100-step stage 1.
 
-Resumable per (arm, seed, task) row: a row whose result file exists is skipped, so rerunning the same command
-continues where it stopped. Each result (the row's report: five settings, arms, sizes, stage times, command,
+Resumable per (arm, seed, task) row, and inside a row: a row whose result file exists is skipped, and a row killed
+during the model owner's stage 1 (the 1000-step rows take longer than a working session here) continues from the
+last stage-1 checkpoint in its work folder (``stage1_checkpoints/last.ckpt``, every :data:`CHECKPOINT_EVERY`
+steps, LayerReplace's scores and harmonizers and the owner's curves and seconds with it; ``train.py fit
+--ckpt_path``), so rerunning the same command continues where it stopped. A resumed row's report names the steps it
+resumed at (``meta.stage1_resumed_at_steps``); its CPU seconds are the last run's only, so the owner-budget table
+leaves them out. Each result (the row's report: five settings, arms, sizes, stage times, command,
 commit, date) lands in ``--out/<task>/<arm>_seed<seed>.json``; ``--commit`` commits each file as it lands.
 ``summary.md`` (mean ± std per arm and task) is rewritten after every row, and so is the generated block of each
 ``--docs`` file (committed with the row), so that a guide never shows a table its result files no longer hold.
@@ -70,6 +75,7 @@ import copy
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -98,6 +104,8 @@ ARMS = (
 IMITATION_WEIGHT = 1.0  # λ_im of the dim arm, fixed before its first row
 BASE_CONFIG = "configs/offsite_tuning/scaleot_pipeline_smollm2_bbc.yaml"  # ScaleOT (d) as published
 EMULATOR_LAYERS = 13  # OT 2-13-2: about the ScaleOT emulator's 0.66 of the parameters (α = 0.5 of 26: 13 replaced)
+CHECKPOINT_EVERY = 50  # stage-1 steps between a row's checkpoints (a few MB each: harmonizers, scores, optimizer)
+CHECKPOINTS = "stage1_checkpoints"
 
 
 def _callback(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -112,6 +120,16 @@ def row_config(base: dict[str, Any], arm: str, task: str, seed: int, root: Path)
     config["seed_everything"] = seed
     config["trainer"]["default_root_dir"] = str(folder)
     config["trainer"]["enable_progress_bar"] = False
+    config["trainer"]["enable_checkpointing"] = True  # a killed row resumes from its last stage-1 checkpoint
+    config["trainer"]["callbacks"].append(
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(folder / CHECKPOINTS), "every_n_train_steps": CHECKPOINT_EVERY, "save_last": True,
+                "save_top_k": 0,
+            },
+        }
+    )  # fmt: skip
     config["data"]["init_args"] |= {"source": corpus, "seed": seed}
     _callback(config, "EmulatorExport")["init_args"]["output_dir"] = str(folder / "emulator")
     pipeline = _callback(config, "OffsitePipeline")["init_args"]
@@ -150,6 +168,13 @@ def row_config(base: dict[str, Any], arm: str, task: str, seed: int, root: Path)
     elif arm != "a_d":
         raise ValueError(f"unknown arm {arm!r}; runnable: {ARMS}")
     return config
+
+
+def row_command(folder: Path) -> list[str]:
+    """``train.py fit`` on the row's config, resumed from its last stage-1 checkpoint when a killed run left one."""
+    command = [sys.executable, "train.py", "fit", "--config", str(folder / "config.yaml")]
+    last = folder / CHECKPOINTS / "last.ckpt"
+    return command + (["--ckpt_path", str(last)] if last.is_file() else [])
 
 
 def _mean_sd(xs: list[float]) -> str:
@@ -259,7 +284,10 @@ def owner_budget(out: Path, task: str) -> dict[str, dict[int, list[dict[str, flo
                         "seed": int(path.stem.rsplit("_seed", 1)[1]),
                         "plug_in": 100 * report["arms"][arm]["plug_in"],
                         "stage1_seconds": owner,
-                        "cpu_seconds": float(report.get("row", {}).get("cpu_seconds", float("nan"))),
+                        # a resumed row's CPU seconds are its last run's only: left out
+                        "cpu_seconds": float("nan")
+                        if report.get("meta", {}).get("stage1_resumed_at_steps")
+                        else float(report.get("row", {}).get("cpu_seconds", float("nan"))),
                         "kept_min_rel_error": kept,
                     }
                 )
@@ -378,11 +406,13 @@ def main() -> None:
                 folder = Path(config["trainer"]["default_root_dir"])
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-                command = [sys.executable, "train.py", "fit", "--config", str(folder / "config.yaml")]
+                command = row_command(folder)
                 start = time.perf_counter()
                 load = os.getloadavg()
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
-                with (folder / "train.log").open("w") as log:
+                with (folder / "train.log").open("a") as log:  # a resumed row's log follows the killed run's
+                    log.write(f"\n[offsite_ablation] {' '.join(command[1:])}\n")
+                    log.flush()
                     code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -390,15 +420,19 @@ def main() -> None:
                     print(f"{task} {arm} seed {seed}: train.py exited {code}, see {folder / 'train.log'}", flush=True)
                     continue
                 report = json.loads((folder / "offsite_report.json").read_text())
+                note = "measured on a shared machine"
+                if "--ckpt_path" in command:
+                    note += "; resumed from a stage-1 checkpoint: wall and CPU seconds are its last run's"
                 report["row"] = {
                     "arm": arm, "task": task, "seed": seed, "config": config,
                     "train_command": " ".join(["python", *command[1:]]),
                     "wall_seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(cpu, 1),
                     "loadavg_at_start": load,
-                    "note": "measured on a shared machine",
+                    "note": note,
                 }  # fmt: skip
                 result.parent.mkdir(parents=True, exist_ok=True)
                 result.write_text(json.dumps(report, indent=2, default=str) + "\n")
+                shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)  # the row is done: nothing to resume
                 written = write_summary(out) + update_docs(out, args.docs)
                 print(f"{task} {arm} seed {seed}: " + json.dumps(report["arms"]), flush=True)
                 if args.commit:

@@ -154,7 +154,9 @@ class OffsitePipeline(pl.Callback):
         )  # validates
         self.trainers: NestedTrainers | None = None
         self.report: dict[str, Any] = {}
-        self._fit_start = 0.0
+        self._fit_start: float | None = None
+        self._owner_seconds_before = 0.0  # the model owner's fit time before the checkpoint this run resumed from
+        self._resumed_at: list[int] = []
         self._provenance: dict[str, Any] = {}
         self._owner_progress = StageProgress("model owner (stage 1 / distillation)", progress_every)
         self._owner_curves: dict[str, list[float]] = {"step": []}
@@ -201,6 +203,31 @@ class OffsitePipeline(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._owner_progress.on_train_start(trainer, pl_module)
 
+    def owner_seconds(self) -> float:
+        """The model owner's fit time so far, over every run of a resumed fit (the steps after the last
+        checkpoint of a killed run, which the resumed run repeats, are not counted)."""
+        return self._owner_seconds_before + (time.perf_counter() - self._fit_start if self._fit_start else 0.0)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Plain floats and lists (loadable with ``weights_only=True``): the owner's fit seconds so far, the
+        per-step curves and the steps earlier runs resumed at, so that a resumed fit reports the whole stage 1."""
+        return {
+            "owner_seconds": self.owner_seconds(),
+            "owner_curves": {k: list(v) for k, v in self._owner_curves.items()},
+            "resumed_at": list(self._resumed_at),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self._owner_seconds_before = float(state_dict.get("owner_seconds", 0.0))
+        self._owner_curves = {k: list(v) for k, v in state_dict.get("owner_curves", {"step": []}).items()}
+        self._resumed_at = [int(s) for s in state_dict.get("resumed_at", [])]
+        steps = self._owner_curves.get("step", [])
+        self._resumed_at.append(int(steps[-1]) if steps else 0)  # this run resumes after the last recorded step
+
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._owner_progress.on_train_batch_end(trainer, pl_module, *args)
@@ -246,7 +273,7 @@ class OffsitePipeline(pl.Callback):
         export = self._export(trainer)
         if export.plan is None or self.trainers is None:
             raise RuntimeError("OffsitePipeline: the emulator was not exported; EmulatorExport must run first.")
-        owner_seconds = time.perf_counter() - self._fit_start
+        owner_seconds = self.owner_seconds()
         stage1 = ScaleOTStage1.from_module(pl_module) if self.settings.alphas else None
         knobs = EmulatorKnobs(
             export.adapter_layers, export.alpha, export.beta, export.beta_mlp, export.distill_steps,
@@ -260,7 +287,9 @@ class OffsitePipeline(pl.Callback):
             stage1=stage1,
             knobs=knobs,
             distill_batches=batches,
-            meta=self._provenance | _stage1_scores(pl_module),
+            meta=self._provenance
+            | _stage1_scores(pl_module)
+            | ({"stage1_resumed_at_steps": list(self._resumed_at)} if self._resumed_at else {}),
             stage1_curves=self.stage1_curves(trainer),
         )
 

@@ -251,6 +251,26 @@ def test_b_and_e_rows_are_runnable_and_parse(tmp_path, arm: str) -> None:
         _ParseOnlyCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(bad)])
 
 
+def test_rows_checkpoint_stage_1_and_a_rerun_resumes_from_the_last_checkpoint(tmp_path) -> None:
+    ablation = _ablation()
+    base = yaml.safe_load((REPO / ablation.BASE_CONFIG).read_text())
+    row = ablation.row_config(base, "d1000", "tweets", 1, tmp_path)
+    folder = tmp_path / "tweets" / "d1000_seed1"
+    ckpt = ablation._callback(row, "ModelCheckpoint")["init_args"]
+    assert row["trainer"]["enable_checkpointing"] is True and row["trainer"]["max_steps"] == 1000
+    assert ckpt["dirpath"] == str(folder / ablation.CHECKPOINTS) and ckpt["save_last"] is True
+    assert 1000 % ckpt["every_n_train_steps"] == 0  # the last stage-1 step is checkpointed: a kill after it resumes
+    assert "--ckpt_path" not in ablation.row_command(folder)  # a fresh row starts from step 0
+    (folder / ablation.CHECKPOINTS).mkdir(parents=True)
+    (folder / ablation.CHECKPOINTS / "last.ckpt").write_bytes(b"")
+    command = ablation.row_command(folder)
+    assert command[-2:] == ["--ckpt_path", str(folder / ablation.CHECKPOINTS / "last.ckpt")]
+    path = tmp_path / "d1000.yaml"
+    path.write_text(yaml.safe_dump(row, sort_keys=False))
+    cli = _ParseOnlyCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=["--config", str(path)])
+    assert any(cb.class_path.endswith("ModelCheckpoint") for cb in cli.config.trainer.callbacks)
+
+
 def test_g_row_is_scaleot_with_the_relative_reward_and_parses(tmp_path) -> None:
     ablation = _ablation()
     base = yaml.safe_load((REPO / ablation.BASE_CONFIG).read_text())

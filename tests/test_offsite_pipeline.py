@@ -299,6 +299,51 @@ def test_one_process_pipeline_writes_the_five_setting_report(tmp_path, synthetic
     assert len(get_blocks(load_emulator_artifact(tmp_path / "emu")[0])) == 4
 
 
+class _KilledAt(pl.Callback):
+    """Stands in for a killed process: raises before step ``step + 1`` (after the checkpoint of ``step``)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001 - Lightning's hook
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt("killed")
+
+
+def test_pipeline_killed_in_stage_1_resumes_and_reports_the_whole_stage(tmp_path, synthetic_csv, tiny_trainer) -> None:
+    """A run killed during stage 1 resumes from its last checkpoint (as the ablation's long rows do) and its report
+    holds every stage-1 step's loss once, the owner's seconds of both runs and the step it resumed at."""
+
+    def run(killed: bool) -> None:
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=0)
+        callbacks = [
+            _replace(warm_start_batches=1),
+            EmulatorExport(str(tmp_path / "emu"), adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=0.75),
+            _pipeline(tmp_path / "report", synthetic_csv),
+            ckpt,
+        ]
+        callbacks += [_KilledAt(2)] if killed else []
+        trainer = tiny_trainer(max_steps=4, max_epochs=-1, limit_train_batches=None, limit_val_batches=0,
+                               callbacks=callbacks, enable_checkpointing=True)  # fmt: skip
+        last = tmp_path / "ckpt" / "last.ckpt"
+        trainer.fit(HarmonizerImportance("tiny-llama", lr=1e-2), datamodule=FixedLM(),
+                    ckpt_path=None if killed else str(last), weights_only=True)  # fmt: skip
+
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run(killed=True)
+    assert not (tmp_path / "report" / "offsite_report.json").exists()  # the pipeline did not run on the kill
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("OffsitePipeline"))
+    assert state["owner_curves"]["step"] == [1, 2] and state["owner_seconds"] > 0
+    run(killed=False)
+    report = json.loads((tmp_path / "report" / "offsite_report.json").read_text())
+    assert report["stage1_curves"]["loss"]["step"] == [1, 2, 3, 4]
+    assert report["meta"]["stage1_resumed_at_steps"] == [2]
+    assert report["stage_seconds"]["stage-1 / distillation (fit)"] > state["owner_seconds"]
+    errors = report["stage1_curves"]["harmonizer_error"]["step"]  # sampled: the first step, every k-th, the last
+    assert errors[0] == 1 and errors[-1] == 4 and errors == sorted(set(errors))
+
+
 # --- the recipe: nested Trainers, quiet progress, one import direction, the adapters the plug-in takes -------------
 
 REPO = Path(__file__).resolve().parents[1]
