@@ -205,7 +205,7 @@ def _importance_cells(found: list[dict[str, float]]) -> list[str]:
     return [rho, f"{_mean_sd([f['overlap'] for f in found], '{:.1f}')} of {found[0]['half']}"]
 
 
-def markdown(summary: dict[str, Any], rows_rel: str) -> str:
+def markdown(summary: dict[str, Any], rows_rel: str, prov: dict[str, str] | None = None) -> str:
     """The two tables (harmonizer error, owner's loss), mean ± std over seeds, per task and series."""
     lines = [
         f"The model owner's stage 1 in the offsite ablation's rows (`{rows_rel}`), mean ± std over the seeds whose row "
@@ -243,7 +243,7 @@ def markdown(summary: dict[str, Any], rows_rel: str) -> str:
             "|---|---|---|---|---|",
             *importance,
         ]
-    prov = run_provenance()
+    prov = prov or run_provenance()
     lines += ["", f"Written by `{prov['command']}` at commit {prov['commit']}, {prov['date_utc']}."]
     return "\n".join(lines) + "\n"
 
@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--out", default="benchmarks/results/offsite_stage1_curves")
     parser.add_argument("--docs", nargs="*", default=[], help="Markdown files with an offsite-stage1-curves block")
     args = parser.parse_args(argv)
+    prov = run_provenance()  # before anything is written, so a clean checkout is recorded as clean
     rows_dir, out = Path(args.rows), Path(args.out)
     if not rows_dir.is_dir():
         parser.error(f"--rows {rows_dir}: not a folder; give the offsite ablation's result folder")
@@ -301,10 +302,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     loo = {task: json.loads((ROOT / path).read_text()) for task, path in LOO.items() if (ROOT / path).is_file()}
     summary = summarise(rows_dir, loo)
     rows_rel = rows_dir.resolve().relative_to(ROOT).as_posix() if rows_dir.resolve().is_relative_to(ROOT) else rows_dir
-    (out / "curves.json").write_text(
-        json.dumps({"series": summary, "provenance": run_provenance()}, indent=2, default=str) + "\n"
-    )
-    (out / "curves.md").write_text(markdown(summary, str(rows_rel)))
+    (out / "curves.json").write_text(json.dumps({"series": summary, "provenance": prov}, indent=2, default=str) + "\n")
+    (out / "curves.md").write_text(markdown(summary, str(rows_rel), prov))
     written = [str(out / "curves.json"), str(out / "curves.md")]
     picture = plot(rows_dir, out / "curves.png")
     if picture is not None:
