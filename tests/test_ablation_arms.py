@@ -271,6 +271,30 @@ def test_rows_checkpoint_stage_1_and_a_rerun_resumes_from_the_last_checkpoint(tm
     assert any(cb.class_path.endswith("ModelCheckpoint") for cb in cli.config.trainer.callbacks)
 
 
+def test_the_1000_step_config_is_the_d1000_row_the_docs_report(tmp_path) -> None:
+    """``scaleot_pipeline_smollm2_bbc_1000steps.yaml`` runs what the d1000 rows measured on BBC News (seed 0): the
+    same stage 1, emulator, data owner and OT drop beside it; only folders, the title and the row's bookkeeping
+    (progress bar, α sweep off, seed in the pipeline) differ. A knob changed in one and not the other fails here."""
+    ablation = _ablation()
+    base = yaml.safe_load((REPO / ablation.BASE_CONFIG).read_text())
+    row = ablation.row_config(base, "d1000", "bbc_news", 0, tmp_path)
+    config = yaml.safe_load((REPO / "configs/offsite_tuning/scaleot_pipeline_smollm2_bbc_1000steps.yaml").read_text())
+    out = "runs/offsite_scaleot_bbc_1000steps"
+
+    def knobs(c: dict, folder: str) -> dict:
+        c = json.loads(json.dumps(c).replace(folder, "<out>"))
+        c["trainer"].pop("enable_progress_bar", None)
+        pipeline = ablation._callback(c, "OffsitePipeline")["init_args"]
+        for key in ("title", "alphas", "seed"):
+            pipeline.pop(key, None)
+        c["trainer"]["callbacks"].sort(key=lambda cb: cb["class_path"])
+        return c
+
+    assert knobs(config, out) == knobs(row, str(tmp_path / "bbc_news" / "d1000_seed0"))
+    assert config["trainer"]["max_steps"] == 1000 and config["seed_everything"] == 0
+    assert ablation._callback(config, "OffsitePipeline")["init_args"]["uniform_drop_layers"] == ablation.EMULATOR_LAYERS
+
+
 def test_g_row_is_scaleot_with_the_relative_reward_and_parses(tmp_path) -> None:
     ablation = _ablation()
     base = yaml.safe_load((REPO / ablation.BASE_CONFIG).read_text())
