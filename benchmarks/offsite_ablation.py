@@ -44,7 +44,7 @@ Arms (``--arms``):
   to their blocks (as in (f)) while still being tuned in context (as in (d)). Everything else as (d).
 * ``akd100``, ``akd300``, ``akd1000``: OT 2-13-2 distilled with OT's KD objective (λ_lm 1, λ_kd 30, lr 1e-4) for
   100 / 300 / 1000 steps on the owner's corpus, beside ScaleOT (d) in the same run
-  (``OffsitePipeline(uniform_drop_distill_steps=N)``): distilled in process at the model owner and never written,
+  (``OffsitePipeline(uniform_drop_distill_steps=N)``): distilled in process at the model owner and never exported,
   because after 100 steps at OT's learning rate (measured) its kept blocks are still within the leak check's 1 % of
   the originals, so the export refuses it (each row records the distance its distillation reached). The row's
   ScaleOT arm repeats (d)'s 100-step stage 1.
@@ -53,8 +53,10 @@ Resumable per (arm, seed, task) row, and inside a row: a row whose result file e
 during the model owner's stage 1 (the 1000-step rows take longer than a working session here) continues from the
 last stage-1 checkpoint in its work folder (``stage1_checkpoints/last.ckpt``, every :data:`CHECKPOINT_EVERY`
 steps, LayerReplace's scores and harmonizers and the owner's curves and seconds with it; ``train.py fit
---ckpt_path``), so rerunning the same command continues where it stopped. A resumed row's report names the steps it
-resumed at (``meta.stage1_resumed_at_steps``); its CPU seconds are the last run's only, so the owner-budget table
+--ckpt_path``), and a row killed in its OT distillation (the akd rows' longest stage) continues that from its last
+state (every 50 steps, on the batches it started with; ``distillation_state/`` in the work folder), so rerunning the
+same command continues where it stopped. A resumed row's report names the steps it resumed at
+(``meta.stage1_resumed_at_steps``, and ``resumed_at_step`` in its distillation record); its CPU seconds are the last run's only, so the owner-budget table
 leaves them out. Each result (the row's report: five settings, arms, sizes, stage times, command,
 commit, date) lands in ``--out/<task>/<arm>_seed<seed>.json``; ``--commit`` commits each file as it lands.
 ``summary.md`` (mean ± std per arm and task) is rewritten after every row, and so is the generated block of each

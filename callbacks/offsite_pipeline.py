@@ -61,8 +61,11 @@ class OffsitePipeline(pl.Callback):
         uniform_drop_layers: also tune and plug Offsite-Tuning's undistilled 2-k-2 uniform drop with this ``k``
             (a row beside the exported emulator in the same table); ``None`` for none.
         uniform_drop_distill_steps: distil that uniform drop first with Offsite-Tuning's KD objective for this many
-            steps on the fit's training batches (the owner's public text), in this process, never written (arm
+            steps on the fit's training batches (the owner's public text), in this process, never exported (arm
             ``..._kd<steps>``; :attr:`~privtune.recipes.offsite.PipelineSettings.uniform_drop_distill_steps`); 0: off.
+            Its state and batches are saved every 50 steps under ``output_dir/distillation_state/`` (removed once
+            the report is written): a fit resumed with ``--ckpt_path`` continues a killed run's distillation on the
+            batches it started with, a fresh fit starts it over.
         uniform_drop_distill_lr: AdamW learning rate of that distillation (OT's 1e-4).
         scaleot_no_src: also tune and plug the exported ScaleOT emulator with its kept blocks put back uncompressed
             (ablation (e), ScaleOT without SRC, same size), built in this process and never written
@@ -157,6 +160,7 @@ class OffsitePipeline(pl.Callback):
         self._fit_start: float | None = None
         self._owner_seconds_before = 0.0  # the model owner's fit time before the checkpoint this run resumed from
         self._resumed_at: list[int] = []
+        self._resuming = False  # this fit restores a checkpoint (`trainer.ckpt_path`, set by `on_fit_start`)
         self._provenance: dict[str, Any] = {}
         self._owner_progress = StageProgress("model owner (stage 1 / distillation)", progress_every)
         self._owner_curves: dict[str, list[float]] = {"step": []}
@@ -198,6 +202,7 @@ class OffsitePipeline(pl.Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
+        self._resuming = trainer.ckpt_path is not None  # a resumed fit continues a killed run's distillation too
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -281,7 +286,7 @@ class OffsitePipeline(pl.Callback):
         )  # fmt: skip
         wants_batches = (stage1 is not None and export.distill_steps) or self.settings.uniform_drop_distill_steps
         batches = list(trainer.datamodule.train_dataloader()) if wants_batches else []
-        self.report = OffsiteRecipe(self.settings, self.trainers).run(
+        self.report = OffsiteRecipe(self.settings, self.trainers, resume=self._resuming).run(
             export.output_dir,
             owner_stage_seconds={STAGE1_SECONDS: owner_seconds, "emulator export": export.seconds},
             stage1=stage1,

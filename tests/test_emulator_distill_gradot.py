@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from privtune.emulator import (
+    DistillCheckpoint,
+    DistillProgress,
     KFACStats,
     build_emulator,
     build_gradot_emulator,
@@ -187,3 +189,48 @@ def test_distill_emulator_lowers_kd_and_leaves_adapters_and_teacher_alone() -> N
     assert not any(p.requires_grad for p in emulator.parameters()) and not emulator.training
     with pytest.raises(ValueError, match="steps=0"):
         distill_emulator(model, emulator, plan, [_batch()], steps=0)
+
+
+def test_a_killed_distillation_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path) -> None:
+    """Saved every 3 steps, killed in step 5, resumed: the same weights, history and KD as 7 steps in one go."""
+    model = load_model("tiny-llama").eval()
+    plan = uniform_drop_plan(4, 1, 1, 1)
+    batches = [_batch(0), _batch(1), _batch(2)]
+    whole = build_emulator(model, plan)
+    first, last = distill_emulator(model, whole, plan, batches, steps=7, lr=3e-3)
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_step_5(step: int, values) -> None:  # noqa: ANN001 - the loop's values
+        if step == 5:
+            raise Killed
+
+    checkpoint = DistillCheckpoint(tmp_path / "state" / "drop.pt", every=3)
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        distill_emulator(model, build_emulator(model, plan), plan, batches, 7, 3e-3, on_step=kill_in_step_5,
+                         checkpoint=checkpoint)  # fmt: skip
+    saved = torch.load(checkpoint.path, weights_only=True)  # plain tensors and numbers: no code to run
+    assert saved["step"] == 3 and len(saved["history"]["kd"]) == 3 and saved["seconds"] > 0
+    restored: list[DistillProgress] = []
+    seen: list[int] = []
+    resumed = build_emulator(model, plan)
+    again = distill_emulator(model, resumed, plan, batches, 7, 3e-3, on_step=lambda s, v: seen.append(s),
+                             checkpoint=checkpoint, on_resume=restored.append)  # fmt: skip
+    assert [r.step for r in restored] == [3] and seen == [4, 5, 6, 7]
+    assert again == pytest.approx((first, last), rel=1e-6)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    final = torch.load(checkpoint.path, weights_only=True)
+    assert final["step"] == 7 and len(final["history"]["loss"]) == 7
+    # a finished state resumes to nothing left to do; another run's state is refused, not resumed
+    done = distill_emulator(model, build_emulator(model, plan), plan, batches, 7, 3e-3, checkpoint=checkpoint,
+                            on_step=lambda s, v: seen.append(s))  # fmt: skip
+    assert done == again and seen == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match=r"another distillation's state .*\['lr'\].*delete the file"):
+        distill_emulator(model, build_emulator(model, plan), plan, batches, 7, 1e-3, checkpoint=checkpoint)
+    with pytest.raises(ValueError, match=r"\['batches'\]"):
+        distill_emulator(model, build_emulator(model, plan), plan, batches[:2], 7, 3e-3, checkpoint=checkpoint)
+    with pytest.raises(ValueError, match="every=0"):
+        DistillCheckpoint(tmp_path / "x.pt", every=0)

@@ -21,6 +21,7 @@ from privtune.callbacks.offsite_pipeline import OffsitePipeline
 from privtune.callbacks.offsite_tuning import AdapterExport, EmulatorExport, PlugAdapters
 from privtune.callbacks.rank_compression import RankCompression
 from privtune.datamodules import TextFile
+from privtune.datamodules.resumable import resumable_train_loader
 from privtune.emulator import (
     EmulatorPlan,
     LowRankLinear,
@@ -35,6 +36,7 @@ from privtune.modules import TextClassifier
 from privtune.modules.offsite_distill import EmulatorDistillation
 from privtune.modules.offsite_finetune import OffsiteFinetune
 from privtune.modules.offsite_importance import HarmonizerImportance
+from privtune.recipes import offsite as offsite_recipe
 from privtune.recipes.offsite import (
     EmulatorKnobs,
     NestedTrainers,
@@ -504,6 +506,60 @@ def test_uniform_drop_distilled_in_process_with_ots_objective(tmp_path, syntheti
     adapters = tmp_path / "report" / "adapters_ot_uniform_drop_1-1-1_kd6"
     assert {p.parent if p.is_file() else p for p in arm_paths} == {adapters}
     assert {p.name for p in adapters.iterdir()} == {p.name for p in (tmp_path / "report" / "adapters").iterdir()}
+
+
+class ShuffledLM(FixedLM):
+    """FixedLM's rows drawn by the framework's resumable shuffling loader, as the owner's LM corpus draws them."""
+
+    def train_dataloader(self) -> DataLoader:
+        rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in self.ids[:6]]
+        return resumable_train_loader(rows, batch_size=2, seed=3, trainer=self.trainer)
+
+
+def test_a_run_killed_in_the_in_process_distillation_resumes_it(tmp_path, synthetic_csv, tiny_trainer, monkeypatch):
+    """The OT + KD arm's distillation (the ablation's longest stage) saves its state every few steps; killed there
+    and rerun with ``--ckpt_path``, the run continues it after the last saved step, reports every step once and
+    the step it resumed at, and removes the state once the report is written; a fresh run starts it over."""
+    monkeypatch.setattr(offsite_recipe, "DISTILL_CHECKPOINT_EVERY", 2)
+    real_progress = offsite_recipe.progress
+
+    def killed_in_step_5(message: str) -> None:
+        if "distillation step 5/6" in message:
+            raise KeyboardInterrupt("killed")
+        real_progress(message)
+
+    def run(ckpt_path: str | None) -> None:
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=0)
+        callbacks = [
+            _replace(),
+            EmulatorExport(str(tmp_path / "emu"), adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=0.75),
+            _pipeline(tmp_path / "report", synthetic_csv, uniform_drop_layers=1, uniform_drop_distill_steps=6,
+                      uniform_drop_distill_lr=1e-3),
+            ckpt,
+        ]  # fmt: skip
+        trainer = tiny_trainer(max_steps=4, max_epochs=-1, limit_train_batches=None, limit_val_batches=0,
+                               callbacks=callbacks, enable_checkpointing=True)  # fmt: skip
+        trainer.fit(HarmonizerImportance("tiny-llama", lr=1e-2), datamodule=ShuffledLM(), ckpt_path=ckpt_path,
+                    weights_only=True)  # fmt: skip
+
+    state = tmp_path / "report" / "distillation_state" / "ot_uniform_drop_1-1-1_kd6.pt"
+    monkeypatch.setattr(offsite_recipe, "progress", killed_in_step_5)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run(None)
+    assert torch.load(state, weights_only=True)["step"] == 4  # saved after steps 2 and 4, killed in step 5
+    monkeypatch.setattr(offsite_recipe, "progress", real_progress)
+    run(str(tmp_path / "ckpt" / "last.ckpt"))
+    record = json.loads((tmp_path / "report" / "offsite_report.json").read_text())["uniform_drop_distillation"]
+    record = record["ot_uniform_drop_1-1-1_kd6"]
+    assert record["curve"]["step"] == [1, 2, 3, 4, 5, 6] and len(record["curve"]["kd"]) == 6
+    assert record["resumed_at_step"] == 4 and record["seconds"] > 0
+    assert not state.exists()
+    # a fresh run (no --ckpt_path) finding an earlier run's state starts the distillation over
+    state.parent.mkdir(exist_ok=True)
+    state.write_bytes(b"an earlier run's state")
+    run(None)
+    record = json.loads((tmp_path / "report" / "offsite_report.json").read_text())["uniform_drop_distillation"]
+    assert "resumed_at_step" not in record["ot_uniform_drop_1-1-1_kd6"] and not state.exists()
 
 
 def test_kept_closeness_record_counts_the_matrices_the_leak_check_would_refuse() -> None:

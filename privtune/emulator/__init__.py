@@ -24,6 +24,8 @@ from privtune.emulator.build import (
     model_fingerprint,
 )
 from privtune.emulator.distill import (
+    DistillCheckpoint,
+    DistillProgress,
     distill_emulator,
     distillation_loss,
     middle_parameters,
@@ -75,6 +77,8 @@ __all__ = [
     "compress_kept_blocks",
     "compress_linear",
     "count_parameters",
+    "DistillCheckpoint",
+    "DistillProgress",
     "distill_emulator",
     "distillation_loss",
     "emulator_skeleton",

@@ -12,10 +12,15 @@ Threat model: distillation runs at the model owner on public text; the data owne
 
 from __future__ import annotations
 
+import hashlib
+import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from itertools import cycle, islice
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -142,6 +147,91 @@ def middle_parameters(emulator: nn.Module, plan: EmulatorPlan) -> list[nn.Parame
     return params
 
 
+@dataclass(frozen=True)
+class DistillCheckpoint:
+    """Where :func:`distill_emulator` saves its state every ``every`` steps, and resumes from when the file exists.
+
+    The file holds the middle's trainable tensors, the AdamW state, the CPU random state, the step reached, the
+    per-step history and the loop's seconds so far, plus a key of the run (steps, learning rate, loss weights,
+    the plan's layer kinds and a digest of the batches): a file written for another distillation is refused, not
+    resumed. It is written atomically (a temporary file renamed over it) and read with ``weights_only=True``.
+    """
+
+    path: Path
+    every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.every <= 0:
+            raise ValueError(f"DistillCheckpoint: `every={self.every}` must be > 0.")
+
+
+@dataclass
+class DistillProgress:
+    """What a resumed distillation restored: the step reached, ``{"loss", "lm", "kd"}`` per step so far, and the
+    loop's seconds over the earlier runs."""
+
+    step: int = 0
+    history: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "lm": [], "kd": []})
+    seconds: float = 0.0
+
+
+def _run_key(plan: EmulatorPlan, batches: list[Mapping[str, Tensor]], **settings: Any) -> dict[str, Any]:
+    """What a distillation checkpoint must match to be resumed: the settings, the layer kinds, the batches."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for name in ("input_ids", "attention_mask", "labels"):
+            digest.update(batch[name].detach().cpu().contiguous().numpy().tobytes())
+    return {**settings, "kinds": list(plan.kinds), "batches": f"{len(batches)}:{digest.hexdigest()[:16]}"}
+
+
+def _load_checkpoint(
+    checkpoint: DistillCheckpoint, key: Mapping[str, Any], params: Mapping[str, nn.Parameter], optimizer: Any
+) -> DistillProgress:
+    """Restore ``params`` and ``optimizer`` from ``checkpoint`` (a fresh :class:`DistillProgress` without a file).
+
+    Raises:
+        ValueError: if the file was written for another distillation, naming the difference and the fix.
+    """
+    if not checkpoint.path.is_file():
+        return DistillProgress()
+    state = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
+    if state.get("key") != dict(key):
+        differ = sorted(k for k in set(key) | set(state.get("key", {})) if state.get("key", {}).get(k) != key.get(k))
+        raise ValueError(
+            f"distill_emulator: {checkpoint.path} holds another distillation's state (it differs in {differ}). "
+            "HINT: resume with the same emulator, batches and settings, or delete the file to start afresh."
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state["middle"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return DistillProgress(int(state["step"]), {k: list(v) for k, v in state["history"].items()}, state["seconds"])
+
+
+def _save_checkpoint(
+    checkpoint: DistillCheckpoint,
+    key: Mapping[str, Any],
+    params: Mapping[str, nn.Parameter],
+    optimizer: Any,
+    progress: DistillProgress,
+) -> None:
+    """Write the state atomically: a run killed while writing keeps the previous checkpoint."""
+    state = {
+        "key": dict(key),
+        "step": progress.step,
+        "middle": {name: param.detach().cpu().clone() for name, param in params.items()},
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "history": progress.history,
+        "seconds": progress.seconds,
+    }
+    checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
+    partial = checkpoint.path.with_name(checkpoint.path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, checkpoint.path)
+
+
 def distill_emulator(
     teacher: nn.Module,
     emulator: nn.Module,
@@ -153,12 +243,18 @@ def distill_emulator(
     kd_weight: float = 30.0,
     kd_norm: KDNorm = "global",
     on_step: Callable[[int, Mapping[str, float]], None] | None = None,
+    checkpoint: DistillCheckpoint | None = None,
+    on_resume: Callable[[DistillProgress], None] | None = None,
 ) -> tuple[float, float]:
     """Distil ``emulator``'s middle towards ``teacher`` for ``steps`` AdamW steps, cycling ``batches``.
 
     The OT objective of :func:`distillation_loss`, as a plain loop, so that any emulator (uniform drop, ScaleOT,
     GradOT) can be distilled after it is built. Only the middle positions train (:func:`middle_parameters`);
     the adapters and the teacher stay frozen, and the emulator is left in eval mode with no gradients enabled.
+    With ``checkpoint`` the loop saves its state every ``checkpoint.every`` steps and after the last, and a run
+    that finds the file continues after the step it holds: the batches cycle in a fixed order and the random state
+    is restored, so a resumed run ends with the weights an uninterrupted one would have (one process's CPU
+    random state; a CUDA run's dropout, if the model has any, is not restored).
 
     Args:
         teacher: the original model (frozen; stage-1 switches, if installed, must keep every block).
@@ -171,24 +267,35 @@ def distill_emulator(
         kd_weight: ``λ_kd``.
         kd_norm: see :func:`normalized_kd_loss`.
         on_step: called after each step with its number (from 1) and ``{"loss", "lm", "kd"}`` (for curves and
-            progress).
+            progress); a resumed run calls it for its own steps only.
+        checkpoint: where to save and resume the loop's state (:class:`DistillCheckpoint`); ``None`` saves nothing.
+        on_resume: called once, before the first step, with what a resumed run restored (:class:`DistillProgress`).
 
     Returns:
-        ``(kd first, kd last)``: the normalised KD term on the first and the last step.
+        ``(kd first, kd last)``: the normalised KD term on the first and the last step (over every run).
 
     Raises:
-        ValueError: for ``steps <= 0`` or ``lr <= 0``, or when ``batches`` is empty.
+        ValueError: for ``steps <= 0`` or ``lr <= 0``, when ``batches`` is empty, or for a checkpoint written by
+            another distillation.
     """
     if steps <= 0 or lr <= 0:
         raise ValueError(f"distill_emulator: `steps={steps}` and `lr={lr}` must both be > 0.")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("distill_emulator got no batch.")
     params = middle_parameters(emulator, plan)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    named = {name: p for name, p in emulator.named_parameters() if p.requires_grad}
+    key = _run_key(plan, batches, steps=steps, lr=lr, lm_weight=lm_weight, kd_weight=kd_weight, kd_norm=kd_norm)
+    done = _load_checkpoint(checkpoint, key, named, optimizer) if checkpoint is not None else DistillProgress()
+    if done.step and on_resume is not None:
+        on_resume(done)
     teacher_mode = teacher.training
     teacher.eval()  # the teacher's dropout off: h_T is the function the emulator must imitate
     emulator.train()
-    kd: list[float] = []
+    start = time.perf_counter()
     with torch.enable_grad():
-        for step, batch in enumerate(islice(cycle(list(batches)), steps), start=1):
+        for step, batch in enumerate(islice(cycle(batches), done.step, steps), start=done.step + 1):
             out = distillation_loss(
                 teacher, emulator, plan, batch["input_ids"], batch["attention_mask"], batch["labels"],
                 lm_weight, kd_weight, kd_norm,
@@ -196,12 +303,15 @@ def distill_emulator(
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             optimizer.step()
-            kd.append(float(out["kd"]))
+            values = {name: float(value.detach()) for name, value in out.items()}
+            for name in ("loss", "lm", "kd"):
+                done.history[name].append(values[name])
             if on_step is not None:
-                on_step(step, {name: float(value.detach()) for name, value in out.items()})
-    if not kd:
-        raise ValueError("distill_emulator got no batch.")
+                on_step(step, values)
+            if checkpoint is not None and (step % checkpoint.every == 0 or step == steps):
+                saved = DistillProgress(step, done.history, done.seconds + time.perf_counter() - start)
+                _save_checkpoint(checkpoint, key, named, optimizer, saved)
     emulator.requires_grad_(False)
     emulator.eval()
     teacher.train(teacher_mode)
-    return kd[0], kd[-1]
+    return done.history["kd"][0], done.history["kd"][-1]

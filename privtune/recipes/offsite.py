@@ -53,6 +53,8 @@ from typing_extensions import override
 
 from privtune.datamodules import BBCNews, TextFile, TweetsSentiment
 from privtune.emulator import (
+    DistillCheckpoint,
+    DistillProgress,
     EmulatorPlan,
     build_scaleot_emulator,
     check_base_model,
@@ -76,6 +78,9 @@ from privtune.recipes.offsite_membership import PlugInAudit, best_auc, markdown_
 
 FULL_FT = "full_ft"
 """Name of full fine-tuning of the adapter blocks in ``membership`` (the run's non-private reference)."""
+
+DISTILL_CHECKPOINT_EVERY = 50
+"""Steps between the saves of an in-process distillation's state (the middle, AdamW, curve: about 0.6 GB on SmolLM2)."""
 
 PROGRESS_TAG = "privtune_progress"
 """Attribute a log record carries when it is the recipe's own progress line (kept while nested Trainers run)."""
@@ -149,8 +154,10 @@ class PipelineSettings:
             ``λ_kd = 30``, AdamW lr ``uniform_drop_distill_lr``, the globally normalised KD term) for this many
             steps on the model owner's public LM batches before the data owner tunes it (OT with KD, arm
             ``ot_uniform_drop_2-k-2_kd<steps>``); 0 keeps it undistilled. Built and distilled in process at the model
-            owner and never written: on SmolLM2 its kept blocks stay within the leak check's 1 % after 40 and after
-            100 steps, so it could not be exported (:func:`~privtune.emulator.save_emulator_artifact` refuses it).
+            owner and never exported: on SmolLM2 its kept blocks stay within the leak check's 1 % after 40 and after
+            100 steps, so it could not be (:func:`~privtune.emulator.save_emulator_artifact` refuses it). Its
+            resumable state (the distilled middle and its batches, every :data:`DISTILL_CHECKPOINT_EVERY` steps)
+            stays in the owner's ``output_dir`` until the report is written.
         uniform_drop_distill_lr: AdamW learning rate of that distillation.
         scaleot_no_src: also tune and plug the exported ScaleOT emulator with its kept middle blocks put back
             uncompressed (ablation (e), ScaleOT without SRC; same positions, harmonizers and parameter count), built
@@ -606,11 +613,14 @@ class OffsiteRecipe:
     Args:
         settings: task, budget and arms (:class:`PipelineSettings`).
         trainers: how nested Trainers are built (:meth:`NestedTrainers.from_trainer` inside a run).
+        resume: continue an in-process distillation from the state a killed run left in ``output_dir``
+            (:data:`DISTILL_CHECKPOINT_EVERY`); a fresh run (``False``) discards such a state and starts over.
     """
 
-    def __init__(self, settings: PipelineSettings, trainers: NestedTrainers) -> None:
+    def __init__(self, settings: PipelineSettings, trainers: NestedTrainers, resume: bool = False) -> None:
         self.settings = settings
         self.trainers = trainers
+        self.resume = resume
         self.audit: PlugInAudit | None = None
         self.membership: dict[str, dict[str, Any]] = {}
 
@@ -720,9 +730,12 @@ class OffsiteRecipe:
         s = self.settings
         device = self.trainers.device
         teacher = load_model(emulator.plan.base_model).to(device)
+        state = self.distill_state(arm)
+        batches = self._distill_batches(arm, batches)
         moved = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
         curve: dict[str, list[float]] = {"step": [], "loss": [], "lm": [], "kd": []}
         every = max(1, steps // 10)
+        earlier = DistillProgress()
         start = time.perf_counter()
 
         def record(step: int, values: Mapping[str, float]) -> None:
@@ -732,15 +745,23 @@ class OffsiteRecipe:
             if step % every == 0 or step == steps:
                 progress(
                     f"{arm}: model owner's distillation step {step}/{steps}, LM {values['lm']:.4f}, "
-                    f"KD {values['kd']:.4f}, {time.perf_counter() - start:.1f} s"
+                    f"KD {values['kd']:.4f}, {earlier.seconds + time.perf_counter() - start:.1f} s"
                 )
+
+        def restored(done: DistillProgress) -> None:
+            nonlocal earlier
+            earlier = done
+            curve["step"] = list(range(1, done.step + 1))
+            for name in ("loss", "lm", "kd"):
+                curve[name] = list(done.history[name])
+            progress(f"{arm}: model owner's distillation resumed after step {done.step}/{steps} from {state}")
 
         progress(f"{arm}: model owner's distillation (Offsite-Tuning's KD), {steps} steps on {device.type}")
         distill_emulator(
             teacher, emulator.model.to(device), emulator.plan, moved, steps, s.uniform_drop_distill_lr,
-            on_step=record,
+            on_step=record, checkpoint=DistillCheckpoint(state, DISTILL_CHECKPOINT_EVERY), on_resume=restored,
         )  # fmt: skip
-        seconds = time.perf_counter() - start
+        seconds = earlier.seconds + time.perf_counter() - start
         emulator.model.cpu()
         closeness = kept_closeness_record(kept_matrix_closeness(emulator.model, teacher.cpu(), emulator.plan))
         if closeness["matrices"]:
@@ -749,10 +770,37 @@ class OffsiteRecipe:
                 f"originals ({closeness['below_threshold']} of {closeness['matrices']} matrices below the leak "
                 f"check's {closeness['threshold']:g})"
             )
+        resumed = {"resumed_at_step": earlier.step} if earlier.step else {}
         return {
             "steps": steps, "lr": s.uniform_drop_distill_lr, "seconds": seconds, "curve": curve,
             "kept_closeness": closeness,
-        }  # fmt: skip
+        } | resumed  # fmt: skip
+
+    def distill_state(self, arm: str) -> Path:
+        """Where the in-process distillation of ``arm`` keeps its resumable state, and its batches beside it
+        (``<arm>.batches.pt``); both are removed once the report is written."""
+        return Path(self.settings.output_dir) / "distillation_state" / f"{arm}.pt"
+
+    def _distill_batches(self, arm: str, batches: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """The batches ``arm``'s distillation runs on: a resumed run's are the killed run's, saved when it started.
+
+        The owner's batches are drawn from the fit's training loader where the fit loop left it, and a fit restored
+        from its last checkpoint leaves it elsewhere; continuing on other batches would be another distillation,
+        so the first run saves its batches and a resumed one reads them back (``weights_only=True``). A fresh run
+        (not resumed) discards an earlier run's state and batches and starts over.
+        """
+        state = self.distill_state(arm)
+        saved = state.with_name(f"{arm}.batches.pt")
+        if self.resume and saved.is_file():
+            progress(f"{arm}: resuming the model owner's distillation on the batches of the run that started it")
+            return torch.load(saved, map_location="cpu", weights_only=True)
+        if state.is_file() or saved.is_file():
+            progress(f"{arm}: a fresh run discards the earlier run's distillation state in {state.parent}")
+            state.unlink(missing_ok=True)
+        cpu = [{k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(cpu, saved)
+        return cpu
 
     def extraction(self, model_name: str, emulator_dir: str, datamodule: pl.LightningDataModule) -> dict[str, float]:
         """The extraction attacker's accuracy: the data owner fine-tunes every parameter of the shipped emulator
@@ -922,6 +970,10 @@ class OffsiteRecipe:
             },
         )
         report.write(out_dir)
+        for name in distillations:  # the report holds the result: the resumable state is no longer needed
+            state = self.distill_state(name)
+            for path in (state, state.with_name(f"{name}.batches.pt")):
+                path.unlink(missing_ok=True)
         keys: dict[str, Any] = {}
         lines: list[str] = []
         if self.membership:
