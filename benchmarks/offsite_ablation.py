@@ -56,9 +56,10 @@ steps, LayerReplace's scores and harmonizers and the owner's curves and seconds 
 --ckpt_path``), and a row killed in its OT distillation (the akd rows' longest stage) continues that from its last
 state (every 50 steps, on the batches it started with; ``distillation_state/`` in the work folder), so rerunning the
 same command continues where it stopped. A resumed row's report names the steps it resumed at
-(``meta.stage1_resumed_at_steps``, and ``resumed_at_step`` in its distillation record); its CPU seconds are the last run's only, so the owner-budget table
-leaves them out. Each result (the row's report: five settings, arms, sizes, stage times, command,
-commit, date) lands in ``--out/<task>/<arm>_seed<seed>.json``; ``--commit`` commits each file as it lands.
+(``meta.stage1_resumed_at_steps``, and ``resumed_at_step`` in its distillation record); its CPU seconds are the
+last run's only, so the owner-budget table leaves them out. Each result (the row's report: five settings, arms,
+sizes, stage times, command, commit, date) lands in ``--out/<task>/<arm>_seed<seed>.json``; ``--commit`` commits
+each file as it lands.
 ``summary.md`` (mean ± std per arm and task) is rewritten after every row, and so is the generated block of each
 ``--docs`` file (committed with the row), so that a guide never shows a table its result files no longer hold.
 Wall times are those of a shared 2-core machine unless the row says otherwise.
