@@ -380,9 +380,9 @@ def test_owner_budget_table_pairs_each_point_with_its_row_and_arm(tmp_path) -> N
     written = ablation.write_summary(tmp_path)
     summary = (tmp_path / "summary.md").read_text()
     d300 = next(line for line in summary.splitlines() if line.startswith("| bbc_news | d300: scaleot |"))
-    assert d300.endswith("| -5.0 | 5.0 | — |")  # paired on seed 0 with OT's (80) and ScaleOT (d)'s (70); no e row
+    assert d300.endswith("| -5.0 | 5.0 | — | 4.0 |")  # seed 0: OT's (80), (d)'s a_d (70), no e row, akd100's (71)
     scaleot = next(line for line in summary.splitlines() if line.startswith("| bbc_news | a_d: scaleot |"))
-    assert scaleot.endswith("| -20.0 ± 14.1 | — | — |")  # (d) against OT on the same seeds; not against itself
+    assert scaleot.endswith("| -20.0 ± 14.1 | — | — | -1.0 |")  # against OT on the same seeds, not against itself
     assert (tmp_path / "summary.md").read_text().count("| bbc_news |") == 6 + 4  # (row, arm) pairs + budget points
     if importlib.util.find_spec("matplotlib") is not None:
         assert str(tmp_path / "owner_budget.png") in written and (tmp_path / "owner_budget.png").stat().st_size > 0
@@ -457,19 +457,22 @@ def test_dim_row_is_scaleot_with_the_imitation_term(tmp_path) -> None:
     assert ablation._callback(row, "LayerReplace") == ablation._callback(base, "LayerReplace")
 
 
-def test_scaleot_d_is_paired_with_both_of_its_runs(tmp_path) -> None:
+def test_scaleot_d_is_paired_with_each_of_its_runs(tmp_path) -> None:
     ablation = _ablation()
     ot = f"ot_uniform_drop_2-{ablation.EMULATOR_LAYERS}-2"
     rows = {
         "a_d_seed0": _row({"scaleot": 0.70, ot: 0.80}, 100.0),
         "e_seed0": _row({"scaleot": 0.60, "scaleot_no_src": 0.66}, 250.0),  # (d) again, and (e) beside it
         "f_seed0": _row({"scaleot": 0.65}, 250.0),
+        "akd100_seed0": _row({"scaleot": 0.62, f"{ot}_kd100": 0.75}, 250.0),  # (d) a third time, OT + KD beside it
     }
     (tmp_path / "tweets").mkdir()
     for name, report in rows.items():
         (tmp_path / "tweets" / f"{name}.json").write_text(json.dumps(report))
     lines = ablation.summarise(tmp_path).splitlines()
     f = next(line for line in lines if line.startswith("| tweets | f: scaleot |"))
-    assert f.endswith("| -15.0 | -5.0 | 5.0 |")  # against OT (80), (d) in a_d (70), (d) in e (60)
+    assert f.endswith("| -15.0 | -5.0 | 5.0 | 3.0 |")  # against OT (80), (d) in a_d (70), in e (60), in akd100 (62)
     e = next(line for line in lines if line.startswith("| tweets | e: scaleot |"))
-    assert e.endswith("| -20.0 | -10.0 | — |")  # the two runs of (d) differ; not against itself
+    assert e.endswith("| -20.0 | -10.0 | — | -2.0 |")  # the runs of (d) differ; not against itself
+    akd = next(line for line in lines if line.startswith("| tweets | akd100: scaleot |"))
+    assert akd.endswith("| -18.0 | -8.0 | 2.0 | — |")
