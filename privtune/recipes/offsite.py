@@ -730,7 +730,7 @@ class OffsiteRecipe:
         s = self.settings
         device = self.trainers.device
         teacher = load_model(emulator.plan.base_model).to(device)
-        state = self.distill_state(arm)
+        state, _ = self.distill_files(arm)
         batches = self._distill_batches(arm, batches)
         moved = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
         curve: dict[str, list[float]] = {"step": [], "loss": [], "lm": [], "kd": []}
@@ -776,10 +776,11 @@ class OffsiteRecipe:
             "kept_closeness": closeness,
         } | resumed  # fmt: skip
 
-    def distill_state(self, arm: str) -> Path:
-        """Where the in-process distillation of ``arm`` keeps its resumable state, and its batches beside it
-        (``<arm>.batches.pt``); both are removed once the report is written."""
-        return Path(self.settings.output_dir) / "distillation_state" / f"{arm}.pt"
+    def distill_files(self, arm: str) -> tuple[Path, Path]:
+        """Where the in-process distillation of ``arm`` keeps its resumable state and the batches it runs on; both
+        are removed once the report is written."""
+        folder = Path(self.settings.output_dir) / "distillation_state"
+        return folder / f"{arm}.pt", folder / f"{arm}.batches.pt"
 
     def _distill_batches(self, arm: str, batches: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         """The batches ``arm``'s distillation runs on: a resumed run's are the killed run's, saved when it started.
@@ -789,8 +790,7 @@ class OffsiteRecipe:
         so the first run saves its batches and a resumed one reads them back (``weights_only=True``). A fresh run
         (not resumed) discards an earlier run's state and batches and starts over.
         """
-        state = self.distill_state(arm)
-        saved = state.with_name(f"{arm}.batches.pt")
+        state, saved = self.distill_files(arm)
         if self.resume and saved.is_file():
             progress(f"{arm}: resuming the model owner's distillation on the batches of the run that started it")
             return torch.load(saved, map_location="cpu", weights_only=True)
@@ -971,8 +971,7 @@ class OffsiteRecipe:
         )
         report.write(out_dir)
         for name in distillations:  # the report holds the result: the resumable state is no longer needed
-            state = self.distill_state(name)
-            for path in (state, state.with_name(f"{name}.batches.pt")):
+            for path in self.distill_files(name):
                 path.unlink(missing_ok=True)
         keys: dict[str, Any] = {}
         lines: list[str] = []
