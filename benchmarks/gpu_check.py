@@ -16,6 +16,8 @@ It finishes in well under 5 minutes on one H100. CI does not run it; ``--smoke``
 Run::
 
     HF_HUB_OFFLINE=1 python benchmarks/gpu_check.py --out benchmarks/results/gpu_check/gpu_check.json
+    # on a machine that holds a copy of the tree without .git, name the commit it was copied from
+    python benchmarks/gpu_check.py --out gpu_check.json --tree-commit "$(git rev-parse HEAD)"
     python benchmarks/gpu_check.py --smoke
 """
 
@@ -243,6 +245,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if unlisted")
     parser.add_argument("--out", default=None, help="JSON result file (a .md table is written beside it)")
+    parser.add_argument(
+        "--tree-commit", default=None, help="the commit a copied working tree came from, where it holds no git checkout"
+    )
     args = parser.parse_args(argv)
 
     if args.smoke:
@@ -263,7 +268,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {shape: check_shape(shape, device, args, peak) for shape in args.shapes}
     table = markdown(results, device_name)
     print(table, flush=True)
-    report = run_provenance() | {
+    provenance = run_provenance()
+    if provenance["commit"] is None and args.tree_commit:
+        provenance["commit"] = f"{args.tree_commit} (copied tree, no git checkout)"
+    report = provenance | {
         "device": device_name,
         "peak_bf16_flops": peak,
         "torch": torch.__version__,

@@ -44,3 +44,10 @@ def test_without_cuda_the_full_check_refuses(monkeypatch) -> None:
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):
         gpu_check.main([])
+
+
+def test_a_copied_tree_without_git_records_the_commit_it_was_copied_from(monkeypatch) -> None:
+    gpu_check = _gpu_check()
+    monkeypatch.setattr(gpu_check, "run_provenance", lambda: {"command": "x", "commit": None, "date_utc": "d"})
+    report = gpu_check.main(["--smoke", "--tree-commit", "a" * 40])
+    assert report["commit"] == "a" * 40 + " (copied tree, no git checkout)"

@@ -382,6 +382,24 @@ def test_nested_trainers_follow_the_outer_precision_logger_and_device(tmp_path, 
     assert "| ot_uniform_drop_1-1-1 |" in (tmp_path / "report" / "offsite_report.md").read_text()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run with benchmarks/gpu_check.py)")
+def test_the_whole_pipeline_runs_on_the_outer_trainers_cuda_device(tmp_path, synthetic_csv, tiny_trainer) -> None:
+    """Stage 1 on the GPU, then every nested stage (emulators, fine-tuning, plug-in, OT's arm) on the same device."""
+    module = HarmonizerImportance("tiny-llama", lr=1e-2)
+    export = EmulatorExport(str(tmp_path / "emu"), adapter_layers=2, alpha=0.5, beta=0.5, beta_mlp=0.75)
+    pipeline = _pipeline(tmp_path / "report", synthetic_csv, uniform_drop_layers=1)
+    tiny_trainer(
+        accelerator="cuda", precision="bf16-mixed", deterministic=False, callbacks=[_replace(), export, pipeline]
+    ).fit(module, datamodule=FixedLM())
+    assert (pipeline.trainers.accelerator, pipeline.trainers.precision) == ("cuda", "bf16-mixed")
+    report = json.loads((tmp_path / "report" / "offsite_report.json").read_text())
+    assert report["meta"]["accelerator"] == "cuda"
+    assert set(report["arms"]) == {"scaleot", "ot_uniform_drop_1-1-1"}
+    assert {"full_zs", "emulator_ft", "plug_in"} <= set(report["settings"])
+    assert all(0.0 <= row["acc"] <= 1.0 for row in report["settings"].values())
+    assert load_emulator_artifact(str(tmp_path / "emu"))  # the exported emulator loads where the owner saved it
+
+
 def test_nested_trainers_take_the_outer_device_and_refuse_several_processes() -> None:
     def outer(device: str, world_size: int = 1) -> SimpleNamespace:
         return SimpleNamespace(
