@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from privtune.emulator import build_scaleot_emulator, make_harmonizers
 from privtune.eval.provenance import run_provenance
@@ -109,6 +111,25 @@ def scaleot_emulator(model: nn.Module, adapter_layers: int = 4) -> nn.Module:
     return emulator
 
 
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` with eager attention while FLOPs are counted, then restore its own implementation.
+
+    torch's FLOP counter cannot size grouped-query SDPA (fewer key/value heads than query heads) on some versions
+    (seen on torch 2.11 + CUDA); eager attention runs the same two matrix products on repeated key/value heads, so
+    the count is the one SDPA's formula gives. The timed steps run SDPA.
+    """
+    configs = {id(c): c for m in model.modules() if isinstance(c := getattr(m, "config", None), PretrainedConfig)}
+    before = {key: c._attn_implementation for key, c in configs.items()}
+    for c in configs.values():
+        c._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        for key, c in configs.items():
+            c._attn_implementation = before[key]
+
+
 def prepare_for_data_owner(model: nn.Module, adapter_blocks: list[int], half: torch.dtype) -> list[nn.Parameter]:
     """Adapter blocks trainable in fp32; every other weight frozen and cast to ``half`` (OT's precision recipe)."""
     model.requires_grad_(False)
@@ -149,7 +170,7 @@ def time_data_owner_step(
     for _ in range(warmup):
         step()
     counter = FlopCounterMode(display=False)
-    with counter:
+    with eager_attention(model), counter:
         step()
     sync()
     if device.type == "cuda":
