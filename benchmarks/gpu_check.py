@@ -16,7 +16,7 @@ It finishes in well under 5 minutes on one H100. CI does not run it; ``--smoke``
 Run::
 
     HF_HUB_OFFLINE=1 python benchmarks/gpu_check.py --out benchmarks/results/gpu_check/gpu_check.json
-    # on a machine that holds a copy of the tree without .git, name the commit it was copied from
+    # on a machine that holds a copy of the tree, name the commit it was copied from
     python benchmarks/gpu_check.py --out gpu_check.json --tree-commit "$(git rev-parse HEAD)"
     python benchmarks/gpu_check.py --smoke
 """
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if unlisted")
     parser.add_argument("--out", default=None, help="JSON result file (a .md table is written beside it)")
     parser.add_argument(
-        "--tree-commit", default=None, help="the commit a copied working tree came from, where it holds no git checkout"
+        "--tree-commit", default=None, help="the commit a copied working tree came from (recorded as the commit)"
     )
     args = parser.parse_args(argv)
 
@@ -290,8 +290,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = markdown(results, device_name)
     print(table, flush=True)
     provenance = run_provenance()
-    if provenance["commit"] is None and args.tree_commit:
-        provenance["commit"] = f"{args.tree_commit} (copied tree, no git checkout)"
+    if args.tree_commit:  # a copied tree: the machine's own git view (if any) may be another commit plus edits
+        provenance |= {"commit": args.tree_commit, "machine_git_commit": provenance["commit"]}
     report = provenance | {
         "device": device_name,
         "peak_bf16_flops": peak,

@@ -46,8 +46,9 @@ def test_without_cuda_the_full_check_refuses(monkeypatch) -> None:
         gpu_check.main([])
 
 
-def test_a_copied_tree_without_git_records_the_commit_it_was_copied_from(monkeypatch) -> None:
+def test_a_copied_tree_records_the_commit_it_was_copied_from(monkeypatch) -> None:
     gpu_check = _gpu_check()
-    monkeypatch.setattr(gpu_check, "run_provenance", lambda: {"command": "x", "commit": None, "date_utc": "d"})
+    machine = {"command": "x", "commit": "b" * 40 + "-dirty", "date_utc": "d"}  # a stale checkout under the copy
+    monkeypatch.setattr(gpu_check, "run_provenance", lambda: dict(machine))
     report = gpu_check.main(["--smoke", "--tree-commit", "a" * 40])
-    assert report["commit"] == "a" * 40 + " (copied tree, no git checkout)"
+    assert (report["commit"], report["machine_git_commit"]) == ("a" * 40, "b" * 40 + "-dirty")
