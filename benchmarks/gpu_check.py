@@ -10,8 +10,8 @@ fp32, everything else frozen in bf16, bf16 autocast, AdamW, causal-LM loss on ra
 step time, tokens/s, MFU (FLOPs counted by ``torch.utils.flop_counter`` over the device's dense bf16 peak) and peak
 memory, each as a ratio emulator / full, and writes them to a JSON file with the command, commit and date.
 
-It finishes in well under 5 minutes on one H100. CI does not run it; ``--smoke`` runs tiny shapes on the CPU
-(tests/test_gpu_check.py).
+Both shapes took 20.5 s on one H200 (``benchmarks/results/gpu_check/``). CI does not run it; ``--smoke`` runs tiny
+shapes on the CPU (tests/test_gpu_check.py).
 
 Run::
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
@@ -52,3 +54,17 @@ def test_a_copied_tree_records_the_commit_it_was_copied_from(monkeypatch) -> Non
     monkeypatch.setattr(gpu_check, "run_provenance", lambda: dict(machine))
     report = gpu_check.main(["--smoke", "--tree-commit", "a" * 40])
     assert (report["commit"], report["machine_git_commit"]) == ("a" * 40, "b" * 40 + "-dirty")
+
+
+def test_flops_count_attention_and_the_model_returns_to_sdpa() -> None:
+    """The count runs through eager attention (torch's counter cannot size grouped-query SDPA on some versions, and
+    counts nothing for SDPA on the CPU); the timed steps run SDPA again."""
+    gpu_check = _gpu_check()
+    model = gpu_check.random_llama("tiny", torch.device("cpu"))
+    counter = FlopCounterMode(display=False)
+    with gpu_check.eager_attention(model), counter:
+        model(input_ids=torch.randint(0, 512, (2, 16)))
+    counts = counter.get_flop_counts()["Global"]
+    # the two attention products: 2 * batch * heads * length^2 * head_dim FLOPs each, in each of the 8 blocks
+    assert counts[torch.ops.aten.bmm] == 8 * 2 * (2 * 2 * 4 * 16 * 16 * 16)
+    assert model.config._attn_implementation == "sdpa"
