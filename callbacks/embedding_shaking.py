@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from privtune import __version__
-from privtune.contracts import ShakeableModel, ShakingKeyUser
+from privtune.contracts import ShakeableModel, ShakingKeyUser, conforms
 from privtune.models.blocks import get_lm_head, unwrap
 from privtune.shaking import KeySetting, ShakeKey, find_embedding, recover_model, shake_model, shaking_state
 from privtune.shaking.batches import AUTO, BatchIds, UnreadableBatchError
@@ -83,7 +83,7 @@ def hf_model_candidates(pl_module: nn.Module) -> dict[str, nn.Module]:
     """
     found: dict[int, tuple[str, nn.Module]] = {}
     for name, module in pl_module.named_modules():
-        if module is pl_module or not isinstance(unwrap(module), ShakeableModel):
+        if module is pl_module or not conforms(unwrap(module), ShakeableModel):
             continue
         try:
             emb = find_embedding(module)
@@ -108,7 +108,7 @@ def find_hf_model(pl_module: nn.Module, attr: str | None = None) -> nn.Module:
                 f"`model_attr={attr!r}`: `{type(pl_module).__name__}` has no attribute {attr!r}; the Hugging Face "
                 f"models found in it are {found}. See {DOCS}."
             )
-        if not isinstance(model, nn.Module) or not isinstance(unwrap(model), ShakeableModel):
+        if not isinstance(model, nn.Module) or not conforms(unwrap(model), ShakeableModel):
             raise ValueError(
                 f"`model_attr={attr!r}` is a `{type(model).__name__}`, not a Hugging Face model with "
                 f"`get_input_embeddings()` and `config` (privtune.contracts.ShakeableModel). See {DOCS}."

@@ -48,7 +48,7 @@ from privtune.attacks.membership import (
     member_split,
     membership_report,
 )
-from privtune.contracts import ContractError
+from privtune.contracts import ContractError, conforms
 
 DOCS = "docs/privacy_audit.md"
 
@@ -197,7 +197,7 @@ class MembershipAudit(pl.Callback):
 
     def _recovered_view(self, trainer: pl.Trainer) -> RecoveredView | None:
         """The run's shaking callback (the :class:`RecoveredView` contract), checked against this audit's needs."""
-        views = [cb for cb in trainer.callbacks if isinstance(cb, RecoveredView)]
+        views = [cb for cb in trainer.callbacks if conforms(cb, RecoveredView)]
         if len(views) > 1:
             raise ContractError(
                 f"MembershipAudit: {len(views)} callbacks keep the model in another token space "

@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from privtune.callbacks.layer_replace import LayerReplace
 from privtune.callbacks.offsite_tuning import EmulatorExport
+from privtune.contracts import conforms
 from privtune.eval.provenance import run_provenance
 from privtune.recipes.offsite import (
     EmulatorKnobs,
@@ -181,13 +182,13 @@ class OffsitePipeline(pl.Callback):
         if stage != "fit":
             return
         self._export(trainer)
-        if self.settings.alphas and not isinstance(pl_module, ScaleOTStage1Module):
+        if self.settings.alphas and not conforms(pl_module, ScaleOTStage1Module):
             raise ValueError(
                 f"OffsitePipeline: `alphas={self.settings.alphas}` re-generate ScaleOT emulators from stage 1, but "
                 f"{type(pl_module).__name__} has no `layer_importance` / `harmonizers`. HINT: use "
                 "HarmonizerImportance with LayerReplace, or leave `alphas` empty."
             )
-        if self.settings.scaleot_no_src and not isinstance(pl_module, ScaleOTStage1Module):
+        if self.settings.scaleot_no_src and not conforms(pl_module, ScaleOTStage1Module):
             raise ValueError(
                 f"OffsitePipeline: `scaleot_no_src` undoes the rank compression of a ScaleOT emulator, but "
                 f"{type(pl_module).__name__} is not a ScaleOT stage-1 module. HINT: use HarmonizerImportance with "
@@ -301,7 +302,7 @@ class OffsitePipeline(pl.Callback):
 
 def _stage1_scores(pl_module: pl.LightningModule) -> dict[str, Any]:
     """ScaleOT's learned layer importance, ``{"layer_importance": {"<block index>": score}}``, when stage 1 ran."""
-    if not isinstance(pl_module, ScaleOTStage1Module) or not pl_module.harmonizers:
+    if not conforms(pl_module, ScaleOTStage1Module) or not pl_module.harmonizers:
         return {}
     middle = sorted(int(k) for k in pl_module.harmonizers)
     scores = pl_module.layer_importance.detach().cpu().tolist()

@@ -205,6 +205,17 @@ def missing_members(obj: object, protocol: type) -> list[str]:
     return [name for name in protocol_members(protocol) if not hasattr(obj, name)]
 
 
+def conforms(obj: object, protocol: type) -> bool:
+    """Whether ``obj`` has every member ``protocol`` declares, looked up as attribute access does (``hasattr``).
+
+    Use it instead of ``isinstance`` for a Protocol with data members: from Python 3.12, ``isinstance`` against a
+    runtime-checkable Protocol looks members up statically (``inspect.getattr_static``) and does not see what an
+    ``nn.Module`` keeps in ``_modules``, ``_parameters`` and ``_buffers``, so a LightningModule holding the model,
+    harmonizers or score buffer a contract names would be refused on 3.12 and accepted on 3.11.
+    """
+    return not missing_members(obj, protocol)
+
+
 class ContractError(TypeError):
     """A callback's module, trainer or batch does not provide what the callback's Protocol names."""
 

@@ -54,6 +54,7 @@ from privtune.federated.protocol import (
     PartialPromptClient,
     check_client,
     check_data,
+    missing_members,
 )
 from privtune.federated.sampling import RoundPlan, client_seed, plan_round
 from privtune.federated.scaffold import DELTA_C, DriftCorrection, Scaffold, client_control_variate
@@ -311,7 +312,7 @@ class FederatedLoop:
         check_client(client, partial=cfg.layers != "all")
         self.client, self.data = client, data
         self.num_clients = int(data.num_clients)
-        partial = isinstance(client, PartialPromptClient)
+        partial = not missing_members(client, PartialPromptClient)
         if partial:
             num_layers = int(client.num_prompt_layers)
             if cfg.layers == "list":

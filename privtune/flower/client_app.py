@@ -32,7 +32,7 @@ from flwr.clientapp import ClientApp
 
 from privtune.federated.client import ClientState
 from privtune.federated.loop import CommunicatedView, local_round
-from privtune.federated.protocol import PartialPromptClient
+from privtune.federated.protocol import PartialPromptClient, missing_members
 from privtune.federated.sampling import client_seed
 from privtune.flower.records import (
     client_state_from_bytes,
@@ -99,7 +99,7 @@ def _first_batch(loader: Any, size: int) -> Any:
 
 
 def _prompt_name(side: ClientSide) -> str | None:
-    return side.client.prompt_name if isinstance(side.client, PartialPromptClient) else None
+    return side.client.prompt_name if not missing_members(side.client, PartialPromptClient) else None
 
 
 def _load_state(context: Context, side: ClientSide, view: CommunicatedView) -> ClientState:

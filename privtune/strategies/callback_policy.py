@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 from lightning.pytorch.callbacks import Callback
 
-from privtune.contracts import FederatedAware
+from privtune.contracts import FederatedAware, conforms
 
 #: hooks that see a training / validation batch or the gradients of one
 BATCH_HOOKS = (
@@ -61,7 +61,7 @@ def overridden_batch_hooks(callback: Callback) -> list[str]:
 def refusal(callback: Callback, strategy: str) -> str | None:
     """The one-sentence reason ``callback`` cannot run under the federated ``strategy``, or ``None`` if it can."""
     name = type(callback).__name__
-    if isinstance(callback, FederatedAware):
+    if conforms(callback, FederatedAware):
         if callback.federated_support == "run":
             return None
         return (
