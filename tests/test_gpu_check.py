@@ -65,6 +65,8 @@ def test_flops_count_attention_and_the_model_returns_to_sdpa() -> None:
     with gpu_check.eager_attention(model), counter:
         model(input_ids=torch.randint(0, 512, (2, 16)))
     counts = counter.get_flop_counts()["Global"]
-    # the two attention products: 2 * batch * heads * length^2 * head_dim FLOPs each, in each of the 8 blocks
-    assert counts[torch.ops.aten.bmm] == 8 * 2 * (2 * 2 * 4 * 16 * 16 * 16)
+    # the two attention products: 2 * batch * heads * length^2 * head_dim FLOPs each, in each of the 8 blocks (some
+    # transformers versions add one small product per forward for the rotary frequencies)
+    attention = 8 * 2 * (2 * 2 * 4 * 16 * 16 * 16)
+    assert attention <= counts[torch.ops.aten.bmm] <= 1.01 * attention
     assert model.config._attn_implementation == "sdpa"
